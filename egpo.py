@@ -1,0 +1,799 @@
+"""EGPO: entropy-calibrated group policy optimisation, in one readable file.
+
+Paper: Qiannian Zhao et al., "Know What You Know: Metacognitive Entropy Calibration for
+Verifiable RL Reasoning", arXiv:2602.22751. EGPO is GRPO (outcome reward, group-normalised
+advantages, PPO-clip update) in which each response's advantage is scaled by how confident
+the model was when it wrote it. The verifier and the 0/1 reward are unchanged.
+
+    python egpo.py                              # offline demo: tiny model, toy task, CPU, ~1 min
+    python egpo.py --algo grpo                  # the same run with plain GRPO
+    python egpo.py --model Qwen2.5-0.5B         # a real model on GSM8K (CUDA, bf16 autocast)
+    python egpo.py --help                       # every flag, with its default
+
+The file reads in the order of one training step and of the paper:
+config -> task & verifier -> model -> sampling -> entropy proxy (E1) -> advantages
+(A1, C1, C2, N1, R1) -> policy loss -> metrics -> training loop -> main.
+"""
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import string
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm  # tqdm ships with transformers and datasets
+
+
+# ====================================================================================
+# 1. Config: one dataclass; the command line is generated from it (see `parse_args`).
+#    A default of None means "auto": the tiny offline demo and real models differ.
+# ====================================================================================
+def flag(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    # --- run control
+    model: str = flag("tiny", "'tiny' (built locally), an alias such as Qwen2.5-0.5B, a hub id, or a local dir")
+    dataset: str = flag(None, "toy | gsm8k | math500 | a local .jsonl/.json/.parquet/.csv with question, answer "
+                              "columns [auto: toy for tiny, gsm8k for real models]")
+    device: str = flag("auto", "auto | cpu | cuda (cuda trains fp32 weights under bf16 autocast)",
+                       ["auto", "cpu", "cuda"])
+    seed: int = flag(0, "seed for model init, data, sampling")
+    out: str = flag(None, "output dir for metrics.jsonl, config.json, summary.json, checkpoint/ "
+                          "[auto: runs/<time>-<algo>-<model>]")
+    steps: int = flag(None, "RL steps [auto: 100 for tiny, 200 for real models]")
+    # --- the algorithm
+    algo: str = flag("egpo", "egpo, or grpo (= --calibration none)", ["egpo", "grpo"])
+    calibration: str = flag(None, "asymmetric | symmetric | none [auto: asymmetric for egpo, none for grpo]",
+                            ["asymmetric", "symmetric", "none"])
+    lambda_min: float = flag(0.5, "lower clamp of the confidence weight (in (0, 1])")
+    lambda_max: float = flag(2.0, "upper clamp of the confidence weight (>= 1)")
+    nsr_coef: float = flag(0.1, "c_nsr: size of the negative-sample reinforcement in all-wrong groups (Eq. N1)")
+    renorm: bool = flag(False, "rescale a mixed group's calibrated advantages to GRPO's mean |A| (Eq. R1)")
+    # --- sampling
+    prompts_per_step: int = flag(8, "B: prompts per RL step")
+    group_size: int = flag(8, "G: responses per prompt (TRL: num_generations)")
+    max_new_tokens: int = flag(None, "longest response [auto: 40 for tiny, 512 for real models]")
+    temperature: float = flag(1.0, "sampling temperature T (log-probs use logits / T too)")
+    top_p: float = flag(1.0, "nucleus sampling mass (1.0 = off)")
+    # --- update
+    lr: float = flag(None, "AdamW learning rate [auto: 1e-4 for tiny, 1e-6 for real models]")
+    beta: float = flag(0.0, "weight of the k3 KL to a frozen copy of the initial policy (0 = no reference model)")
+    clip_eps_low: float = flag(0.2, "PPO clip: ratio >= 1 - clip_eps_low (TRL: epsilon)")
+    clip_eps_high: float = flag(0.2, "PPO clip: ratio <= 1 + clip_eps_high (TRL: epsilon_high)")
+    loss_agg: str = flag("token-mean", "token-mean (TRL dapo/bnpo) | seq-mean-token-mean (TRL grpo)",
+                         ["token-mean", "seq-mean-token-mean"])
+    mu: int = flag(1, "optimizer steps on each sampled batch (PPO epochs)")
+    max_grad_norm: float = flag(1.0, "gradient-norm clipping")
+    micro_batch_size: int = flag(None, "responses per forward/backward; gradients accumulate "
+                                       "[auto: whole batch for tiny, 8 for real models]")
+    gradient_checkpointing: bool = flag(False, "trade compute for memory in the update (real models)")
+    # --- tiny model and toy task
+    sft_steps: int = flag(None, "supervised warm-up steps on worked solutions [auto: 300 for tiny+toy, else 0]")
+    sft_lr: float = flag(3e-3, "learning rate of the warm-up")
+    sft_batch_size: int = flag(64, "batch size of the warm-up")
+    toy_digits: int = flag(2, "operand digits of the toy addition task (3 = harder: many all-wrong groups)")
+    # --- evaluation and checkpoints
+    eval_every: int = flag(None, "held-out greedy evaluation every N steps; 0 = only before and after RL "
+                                 "[auto: 0 for tiny, 50 for real models]")
+    eval_size: int = flag(200, "held-out problems per evaluation (0 = no evaluation)")
+    save_every: int = flag(None, "write checkpoint/ every N steps; 0 = only at the end or on Ctrl-C "
+                                 "[auto: 0 for tiny, 50 for real models]")
+
+
+# Values of the "auto" (None) defaults: (tiny offline demo, real models).
+AUTO = {
+    "steps": (100, 200), "max_new_tokens": (40, 512), "lr": (1e-4, 1e-6), "micro_batch_size": (None, 8),
+    "eval_every": (0, 50), "save_every": (0, 50),
+}
+ALIASES = {name: "Qwen/" + name for name in [
+    "Qwen2.5-0.5B", "Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B", "Qwen2.5-1.5B-Instruct", "Qwen2.5-3B",
+    "Qwen2.5-3B-Instruct", "Qwen2.5-7B", "Qwen2.5-7B-Instruct", "Qwen2.5-Math-1.5B", "Qwen2.5-Math-7B",
+    "Qwen2.5-Math-1.5B-Instruct", "Qwen2.5-Math-7B-Instruct", "Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B"]}
+TIME_KEYS = ("time_sample", "time_update", "tokens_per_s")  # the only metrics that vary between identical runs
+
+
+class UserError(Exception):
+    """Bad input: main() prints it as one line and exits with code 2."""
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the auto defaults and check every value a user can get wrong."""
+    tiny = cfg.model == "tiny"
+    for name, (tiny_value, real_value) in AUTO.items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, tiny_value if tiny else real_value)
+    if cfg.dataset is None:
+        cfg.dataset = "toy" if tiny else "gsm8k"
+    if cfg.sft_steps is None:
+        cfg.sft_steps = 300 if tiny and cfg.dataset == "toy" else 0
+    if cfg.algo == "grpo" and cfg.calibration not in (None, "none"):
+        raise UserError(f"--algo grpo means --calibration none; drop --calibration {cfg.calibration} "
+                        "or use --algo egpo")
+    if cfg.calibration is None:
+        cfg.calibration = "none" if cfg.algo == "grpo" else "asymmetric"
+    checks = [
+        (cfg.group_size >= 2, f"--group-size must be >= 2 (got {cfg.group_size}): a group of one has no "
+                              "baseline to compare against"),
+        (cfg.prompts_per_step >= 1, f"--prompts-per-step must be >= 1 (got {cfg.prompts_per_step})"),
+        (cfg.steps >= 1, f"--steps must be >= 1 (got {cfg.steps})"),
+        (0 < cfg.lambda_min <= 1, f"--lambda-min must be in (0, 1] (got {cfg.lambda_min}): "
+                                  "a failure is never penalised more than GRPO would"),
+        (cfg.lambda_max >= 1, f"--lambda-max must be >= 1 (got {cfg.lambda_max}): "
+                              "a correct answer is never down-weighted"),
+        (cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})"),
+        (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1] (got {cfg.top_p})"),
+        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})"),
+        (cfg.mu >= 1, f"--mu must be >= 1 (got {cfg.mu})"),
+        (cfg.micro_batch_size is None or cfg.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
+        (cfg.eval_size >= 0 and cfg.eval_every >= 0, "--eval-size and --eval-every must be >= 0"),
+        (cfg.sft_steps >= 0 and cfg.save_every >= 0, "--sft-steps and --save-every must be >= 0"),
+        (cfg.toy_digits >= 1, "--toy-digits must be >= 1"),
+        (cfg.device != "cuda" or torch.cuda.is_available(),
+         "--device cuda was asked for but CUDA is not available here: use --device cpu (or auto)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return cfg
+
+
+# ====================================================================================
+# 2. Task and verifier: extract the final answer, compare it mathematically with gold.
+# ====================================================================================
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+
+
+def extract_answer(text: str) -> str | None:
+    """The last \\boxed{...} (nested braces allowed; \\fbox too), else the text after the
+    last '####' up to the end of its line, else None."""
+    if not isinstance(text, str):
+        return None
+    for match in reversed(list(_BOXED.finditer(text))):
+        start = match.end()
+        if start < len(text) and text[start] == "{":
+            depth = 0
+            for i in range(start, len(text)):
+                depth += {"{": 1, "}": -1}.get(text[i], 0)
+                if depth == 0:
+                    return text[start + 1:i].strip()
+        elif start < len(text):  # \boxed 5
+            return re.split(r"[\s$]", text[start:], maxsplit=1)[0]
+    if "####" in text:
+        answer = text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
+        return answer or None
+    return None
+
+
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+_UNIT = r"(?:[a-zA-Z]{2,}|[a-zA-Z](?=\^|²|³))(?:\^\{?\d\}?|[²³])?"  # words, or one letter with a power
+_TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textnormal|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}")
+
+
+def _normalize(s: str) -> str:
+    """Strip what does not change a final answer's value: $, LaTeX spacing and text
+    wrappers, \\left/\\right, degrees, percent, thousands separators, unit words."""
+    s = s.strip()
+    s = _TEXT_WRAPPERS.sub(r"\1", s)
+    s = s.replace("{,}", ",").replace("\\$", "").replace("$", "")
+    for spacing in ("\\!", "\\,", "\\;", "\\:", "\\ ", "~"):
+        s = s.replace(spacing, " ")
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("\\cfrac", "\\frac")
+    s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree|\\%|%|\bpercent\b|\bpct\b", "", s)
+    s = re.sub(r"(?<=\d),\s*(?=\d{3}(?!\d))", "", s)  # 1,000,000 -> 1000000
+    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s.strip())  # x = 5 -> 5
+    s = s.strip().rstrip(".").strip()
+    if s.startswith("(") and s.endswith(")") and "," not in s:  # (1/3) -> 1/3, but not a point (1, 2)
+        s = s[1:-1].strip()
+    without_units = re.sub(rf"(?:\s*{_UNIT})+$", "", s).strip()
+    return without_units if re.search(r"[\d}]$", without_units) else s
+
+
+def _to_number(s: str) -> float | None:
+    """A number, a/b, or \\frac{a}{b} (\\frac13 too) as a float; None if it is none of them."""
+    if m := re.fullmatch(_NUM, s):
+        return float(m.group(0))
+    if m := re.fullmatch(rf"({_NUM})\s*/\s*({_NUM})", s):
+        den = float(m.group(2))
+        return float(m.group(1)) / den if den else None
+    if m := re.fullmatch(rf"([-+]?)\\frac\s*(?:\{{\s*({_NUM})\s*\}}|(\d))\s*(?:\{{\s*({_NUM})\s*\}}|(\d))", s):
+        num, den = float(m.group(2) or m.group(3)), float(m.group(4) or m.group(5))
+        return (-1 if m.group(1) == "-" else 1) * num / den if den else None
+    return None
+
+
+def verify(completion: str, gold: str) -> float:
+    """1.0 iff the completion's final answer equals `gold` mathematically (numbers with a
+    1e-6 relative tolerance, else normalised strings). Never raises."""
+    answer = extract_answer(completion)
+    if not isinstance(gold, str):
+        gold = str(gold)
+    if "####" in gold or "\\boxed" in gold:  # a whole GSM8K / MATH solution was passed as gold
+        gold = extract_answer(gold) or ""
+    if not answer or not gold.strip():
+        return 0.0
+    a, g = _normalize(answer), _normalize(gold)
+    if a.replace(" ", "") == g.replace(" ", ""):
+        return 1.0
+    x, y = _to_number(a), _to_number(g)
+    return float(x is not None and y is not None and abs(x - y) <= 1e-6 * max(abs(x), abs(y)))
+
+
+def toy_problem(a: int, b: int) -> dict:
+    """'47+38=' with a worked chain of thought, right to left with carries:
+    '7+8+0=15,4+3+1=8 #### 85'."""
+    x, y, carry, steps = str(a)[::-1], str(b)[::-1], 0, []
+    for i in range(max(len(x), len(y))):
+        dx, dy = int(x[i]) if i < len(x) else 0, int(y[i]) if i < len(y) else 0
+        steps.append(f"{dx}+{dy}+{carry}={dx + dy + carry}")
+        carry = (dx + dy + carry) // 10
+    return {"question": f"{a}+{b}=", "answer": str(a + b), "solution": f"{','.join(steps)} #### {a + b}"}
+
+
+def make_toy_task(digits: int, n_test: int, seed: int, n_max: int = 20_000) -> tuple[list, list]:
+    """Seeded, disjoint train/test splits of `digits`-digit additions."""
+    lo, hi = 10 ** (digits - 1), 10 ** digits
+    width = hi - lo
+    picks = random.Random(seed).sample(range(width * width), min(width * width, n_max))
+    rows = [toy_problem(lo + i // width, lo + i % width) for i in picks]
+    return rows[n_test:], rows[:n_test]
+
+
+def load_rows(cfg: Config) -> tuple[list, list]:
+    """(train, test) rows of {question, answer[, solution]} for --dataset."""
+    if cfg.dataset == "toy":
+        return make_toy_task(cfg.toy_digits, cfg.eval_size, cfg.seed)
+    try:
+        import datasets  # imported here so that the toy run works without it
+    except ImportError:
+        raise UserError("--dataset other than toy needs the `datasets` package: pip install -r requirements.txt")
+    datasets.disable_progress_bars()
+    hub = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", None)}
+    if cfg.dataset in hub:
+        path, name = hub[cfg.dataset]
+        try:
+            splits = datasets.load_dataset(path, name)
+        except Exception as e:
+            raise UserError(f"could not load {path} from the hub ({type(e).__name__}); with no network, pass "
+                            "a local .jsonl/.parquet with question and answer columns instead")
+        if cfg.dataset == "math500":  # 500 test problems only: hold out eval_size of them
+            rows = [{"question": r["problem"], "answer": r["answer"]} for r in splits["test"]]
+            random.Random(0).shuffle(rows)
+            return rows[cfg.eval_size:], rows[:cfg.eval_size]
+        return [_gsm8k_row(r) for r in splits["train"]], [_gsm8k_row(r) for r in splits["test"]][:cfg.eval_size]
+    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    ext = os.path.splitext(cfg.dataset)[1].lower()
+    if ext not in builders:
+        raise UserError(f"--dataset {cfg.dataset!r} is not toy/gsm8k/math500 nor a .jsonl/.json/.parquet/.csv file")
+    if not os.path.isfile(cfg.dataset):
+        raise UserError(f"dataset file {cfg.dataset} does not exist")
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors become our one-line message
+    try:
+        table = datasets.load_dataset(builders[ext], data_files=cfg.dataset, split="train")
+    except Exception as e:
+        reason = str(e.__cause__ or e).strip().splitlines()[0][:200]
+        raise UserError(f"could not read {cfg.dataset} as {ext[1:]}: {reason}")
+    missing = {"question", "answer"} - set(table.column_names)
+    if missing:
+        raise UserError(f"{cfg.dataset} has columns {table.column_names}; it needs 'question' and 'answer' "
+                        f"(missing: {', '.join(sorted(missing))})")
+    rows = [_gsm8k_row(r) for r in table]
+    if len(rows) <= cfg.eval_size:
+        raise UserError(f"{cfg.dataset} has {len(rows)} rows; --eval-size {cfg.eval_size} would leave none "
+                        "to train on (lower --eval-size)")
+    random.Random(cfg.seed).shuffle(rows)
+    return rows[cfg.eval_size:], rows[:cfg.eval_size]
+
+
+def _gsm8k_row(r: dict) -> dict:
+    """GSM8K answers are a worked solution ending in '#### 72': keep both parts."""
+    answer = str(r["answer"])
+    if "####" in answer:
+        return {"question": str(r["question"]), "answer": extract_answer(answer) or "", "solution": answer}
+    return {"question": str(r["question"]), "answer": answer}
+
+
+def build_prompt(tokenizer, question: str, dataset: str) -> list[int]:
+    """Chat template when the tokenizer has one; the toy task's own format ('47+38=') for
+    a model without one; else a plain prompt asking for \\boxed{}."""
+    instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": f"{question}\n{instruction}"}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if dataset == "toy":
+        return tokenizer(question)["input_ids"]
+    return tokenizer(f"Question: {question}\n{instruction}\nAnswer:")["input_ids"]
+
+
+# ====================================================================================
+# 3. Model: the tiny offline one (built here, random init), or any causal LM.
+# ====================================================================================
+def build_tiny_model(seed: int):
+    """A ~0.13M-parameter Qwen2ForCausalLM and a character-level tokenizer, built locally."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>"] + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>", model_max_length=256)
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(vocab), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    return Qwen2ForCausalLM(config), tokenizer
+
+
+def load_policy(cfg: Config, device: torch.device):
+    """(model, tokenizer) on `device`, weights in fp32, left padding, and a generation config
+    that holds only token ids, so sampling is exactly temperature + top-p."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    if cfg.model == "tiny":
+        model, tokenizer = build_tiny_model(cfg.seed)
+    else:
+        name = ALIASES.get(cfg.model, cfg.model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            where = "is not a local directory and could not be fetched from the hub"
+            raise UserError(f"model {cfg.model!r} {where} ({type(e).__name__}): pass a local path saved with "
+                            "save_pretrained, check the hub id and the network, or run `python egpo.py` for the "
+                            "offline demo")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                                               bos_token_id=model.generation_config.bos_token_id)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(device), tokenizer
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA over fp32 weights (as TRL's bf16=True): a 1e-6 update is below
+    bf16's resolution, so the weights themselves stay fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def context_length(model, tokenizer) -> int:
+    n = getattr(model.config, "max_position_embeddings", None)
+    return n or (tokenizer.model_max_length if tokenizer.model_max_length < 10 ** 7 else 10 ** 7)
+
+
+# ====================================================================================
+# 4. Sampling and token log-probs
+# ====================================================================================
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list[list[int]], golds: list[str], n: int, cfg: Config,
+            greedy: bool = False) -> dict:
+    """Generate `n` responses per prompt and verify them. Rows k*n .. k*n+n-1 belong to
+    prompt k. Returns input_ids (prompt + response), attention_mask, response_mask
+    (response tokens up to and including EOS), rewards, texts."""
+    device = next(model.parameters()).device
+    batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(device)
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature,
+                                                         top_p=cfg.top_p, top_k=0)
+    model.eval()
+    with autocast(device):
+        seqs = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, num_return_sequences=n,
+                              **sampling)                                                       # (P*n, L)
+    n_prompt = batch["input_ids"].shape[1]
+    response = seqs[:, n_prompt:]                                                               # (P*n, T)
+    response_mask = eos_mask(response, model.generation_config.eos_token_id)             # (P*n, T)
+    texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(response, response_mask)]
+    golds = [g for g in golds for _ in range(n)]
+    rewards = torch.tensor([verify(t, g) for t, g in zip(texts, golds)], device=device)
+    attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(n, 0), torch.ones_like(response)], 1)
+    return {"input_ids": seqs, "attention_mask": attention_mask, "response_mask": response_mask,
+            "rewards": rewards, "texts": texts}
+
+
+def eos_mask(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """True for every response token up to and including the first EOS (the EOS is trained
+    on: it is the model's decision to stop); False for the padding generate() adds after it."""
+    is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device)).long()
+    return (is_eos.cumsum(1) - is_eos) == 0
+
+
+def token_logprobs(model, input_ids, attention_mask, n_response: int, temperature: float):
+    """log pi(o_t | q, o_<t) of the last `n_response` tokens, from raw logits / T (never from
+    top-p-filtered scores): the same numbers for the old policy and the training forward."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() does for left padding
+    with autocast(input_ids.device):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       logits_to_keep=n_response + 1).logits[:, :-1]                      # (N, T, V)
+    logits = logits.float() / temperature
+    targets = input_ids[:, -n_response:].unsqueeze(-1)                                   # (N, T, 1)
+    return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)                 # (N, T)
+
+
+# ====================================================================================
+# 5. Entropy proxy (Eq. E1) -- ALGO LOGIC
+# ====================================================================================
+def sequence_entropy(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. E1: H_i = -(1/|o_i|) sum_t log pi(o_t | ...), the mean negative log-likelihood of
+    the sampled path, a Monte-Carlo estimate of the policy's per-token entropy along it.
+    Zero overhead: it reuses the old log-probs the PPO ratio needs anyway. Detached;
+    padding masked out; an empty response gets H = 0."""
+    mask = mask.to(logprobs.dtype)
+    return -(logprobs.detach() * mask).sum(-1) / mask.sum(-1).clamp(min=1)                # (N,)
+
+
+# ====================================================================================
+# 6. Advantages: GRPO (Eq. A1) and the EGPO calibration (Eqs. C1, C2, N1, R1) -- ALGO LOGIC
+# ====================================================================================
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. A1: A_i = (r_i - mean_j r_j) / (std_j r_j + eps), unbiased std over each group of
+    `group_size` consecutive rows (as TRL and verl). Uniform groups give A = 0."""
+    r = rewards.float().view(-1, group_size)                                             # (B, G)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def confidence_ratio(entropy: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. C1: rho_i = Hbar / (H_i + eps), Hbar the group's mean entropy proxy.
+    rho_i > 1: more confident than the group."""
+    h = entropy.float().view(-1, group_size)                                             # (B, G)
+    return (h.mean(1, keepdim=True) / (h + eps)).view(-1)
+
+
+def egpo_advantages(rewards: torch.Tensor, entropy: torch.Tensor, group_size: int, *,
+                    calibration: str = "asymmetric", lambda_min: float = 0.5, lambda_max: float = 2.0,
+                    nsr_coef: float = 0.1, renorm: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages calibrated by confidence. Per group of `group_size` rows:
+
+    - mixed group, asymmetric (Eq. C2): w = clip(rho, 1, lambda_max) for correct answers
+      (A > 0: never weakened, confident ones reinforced up to lambda_max x) and
+      w = clip(rho, lambda_min, 1) for failures (A < 0: exploratory failures softened, so the
+      penalty concentrates on overconfident ones); A_hat = w * A keeps every sign.
+      symmetric: w = clip(rho, lambda_min, lambda_max) for all.
+    - all wrong (Eq. N1): A_hat = -nsr_coef * clip(rho, lambda_min, lambda_max), a signal
+      where GRPO has none, strongest on the most confident failures.
+    - all correct: A_hat = 0.
+    - renorm (Eq. R1): rescale a mixed group so that mean|A_hat| = mean|A|.
+    calibration="none" returns GRPO's A exactly (no NSR). `eps` is used for A1's std and
+    for C1's entropy alike.
+
+    Worked example, G = 4, rewards (1, 1, 0, 0), entropies (0.5, 2, 0.5, 2): Hbar = 1.25,
+    rho = (2.5, 0.625, 2.5, 0.625), A = (0.866, 0.866, -0.866, -0.866);
+    w = (2, 1, 1, 0.625), A_hat = (1.732, 0.866, -0.866, -0.541).
+    """
+    adv = grpo_advantages(rewards, group_size, eps)
+    if calibration == "none":
+        return adv
+    if calibration not in ("asymmetric", "symmetric"):
+        raise ValueError(f"calibration must be asymmetric, symmetric or none, not {calibration!r}")
+    rho = confidence_ratio(entropy, group_size, eps).view(-1, group_size)                 # (B, G)
+    a, r = adv.view(-1, group_size), rewards.float().view(-1, group_size)
+    if calibration == "asymmetric":
+        w = torch.where(a > 0, rho.clamp(1.0, lambda_max), rho.clamp(lambda_min, 1.0))
+    else:
+        w = rho.clamp(lambda_min, lambda_max)
+    a_hat = w * a
+    mixed = r.std(1, keepdim=True) > 0                                                   # (B, 1)
+    if renorm:
+        scale = a.abs().mean(1, keepdim=True) / a_hat.abs().mean(1, keepdim=True).clamp(min=eps)
+        a_hat = torch.where(mixed, a_hat * scale, a_hat)
+    all_wrong = ~mixed & (r.amax(1, keepdim=True) <= 0)
+    a_hat = torch.where(all_wrong, -nsr_coef * rho.clamp(lambda_min, lambda_max), a_hat)
+    return a_hat.view(-1)
+
+
+# ====================================================================================
+# 7. Policy loss: PPO-clip surrogate + optional k3 KL -- ALGO LOGIC
+# ====================================================================================
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean") -> torch.Tensor:
+    """token-mean: over all unmasked tokens of the batch; seq-mean-token-mean: over each
+    response's tokens, then over responses."""
+    if loss_agg == "token-mean":
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    if loss_agg == "seq-mean-token-mean":
+        return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    raise ValueError(f"loss_agg must be token-mean or seq-mean-token-mean, not {loss_agg!r}")
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps_low=0.2, clip_eps_high=0.2,
+                ref_logprobs=None, beta=0.0, loss_agg="token-mean"):
+    """Per token: ratio = exp(logp - logp_old);
+    pg = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), plus beta * KL_k3 with
+    KL_k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman, "Approximating KL divergence",
+    2020). Returns (loss, stats) with stats = {kl, clip_frac} (fractions of masked tokens)."""
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)                                           # (N, T)
+    adv = advantages.unsqueeze(-1)                                                       # (N, 1)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high) * adv
+    per_token = -torch.min(unclipped, clipped)                                           # (N, T)
+    kl = torch.zeros_like(per_token)
+    if ref_logprobs is not None:
+        delta = ref_logprobs - logprobs
+        kl = torch.exp(delta) - delta - 1                                                # k3, >= 0
+    if beta > 0:
+        per_token = per_token + beta * kl
+    loss = masked_mean(per_token, mask, loss_agg)
+    clip_active = (clipped < unclipped).to(mask.dtype)  # exactly where the clipped branch has no gradient
+    stats = {"kl": masked_mean(kl.detach(), mask).item(), "clip_frac": masked_mean(clip_active, mask).item()}
+    return loss, stats
+
+
+# ====================================================================================
+# 8. Metrics of one step (EGPO_SPEC section 7)
+# ====================================================================================
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """P(score of a random positive > score of a random negative), ties counted 1/2;
+    NaN when one class is absent (Mann-Whitney U)."""
+    pos, neg = scores[labels > 0].float(), scores[labels <= 0].float()
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+
+
+def calibration_metrics(rewards, entropy, adv, adv_hat, group_size: int) -> dict:
+    """Accuracy, entropy proxy by correctness, weights w = A_hat / A in mixed groups, group
+    kinds, the four metacognitive quadrants (confident = H below its group's mean), AUROC."""
+    r, h = rewards.float().view(-1, group_size), entropy.float().view(-1, group_size)
+    nan = float("nan")
+    mixed = r.std(1) > 0
+    confident = (h < h.mean(1, keepdim=True)).view(-1)
+    correct = rewards.view(-1) > 0
+    in_mixed = mixed.repeat_interleave(group_size) & (adv != 0)
+    w = adv_hat[in_mixed] / adv[in_mixed]
+    return {
+        "reward_mean": rewards.float().mean().item(),
+        "acc": correct.float().mean().item(),
+        "entropy_mean": entropy.mean().item(),
+        "entropy_correct": entropy[correct].mean().item() if correct.any() else nan,
+        "entropy_incorrect": entropy[~correct].mean().item() if (~correct).any() else nan,
+        "weight_mean": w.mean().item() if len(w) else nan,
+        "weight_min": w.min().item() if len(w) else nan,
+        "weight_max": w.max().item() if len(w) else nan,
+        "groups_all_correct": int((r.amin(1) > 0).sum()),
+        "groups_all_wrong": int((r.amax(1) <= 0).sum()),
+        "groups_mixed": int(mixed.sum()),
+        "confident_correct": int((confident & correct).sum()),
+        "fragile_correct": int((~confident & correct).sum()),
+        "overconfident_wrong": int((confident & ~correct).sum()),
+        "exploratory_wrong": int((~confident & ~correct).sum()),
+        "auroc_confidence": auroc(-entropy, rewards),
+    }
+
+
+# ====================================================================================
+# 9. Training: warm-up, one RL step, evaluation, the loop
+# ====================================================================================
+def sft_warmup(model, tokenizer, rows: list, prompts: list, cfg: Config, rng: random.Random):
+    """Supervised warm-up on worked solutions (prompt tokens masked), so that RL starts from
+    a model that sometimes gets the answer right."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    model.train()
+    for _ in tqdm(range(cfg.sft_steps), desc="warm-up (SFT)", leave=False):
+        picks = rng.sample(range(len(rows)), min(cfg.sft_batch_size, len(rows)))
+        seqs, labels = [], []
+        for i in picks:
+            target = tokenizer(rows[i]["solution"])["input_ids"] + [tokenizer.eos_token_id]
+            seqs.append(prompts[i] + target)
+            labels.append([-100] * len(prompts[i]) + target)
+        width = max(map(len, seqs))
+        pad = lambda xs, value: torch.tensor([x + [value] * (width - len(x)) for x in xs], device=device)  # noqa: E731
+        with autocast(device):
+            loss = model(input_ids=pad(seqs, tokenizer.pad_token_id), attention_mask=pad([[1] * len(x) for x in seqs], 0),
+                         labels=pad(labels, -100)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+
+
+def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
+    """One EGPO step: sample G responses per prompt, verify, old log-probs, entropy proxy,
+    advantages, then `mu` PPO-clip optimizer steps. Returns the step's metrics."""
+    t0 = time.perf_counter()
+    batch = rollout(model, tokenizer, prompts, golds, cfg.group_size, cfg)
+    time_sample = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    n, n_response = ids.shape[0], mask.shape[1]
+    micro = cfg.micro_batch_size or n
+    chunks = [slice(i, min(i + micro, n)) for i in range(0, n, micro)]
+
+    def logprobs_of(policy, s):
+        return token_logprobs(policy, ids[s], attn[s], n_response, cfg.temperature)
+
+    with torch.no_grad():  # old policy = the sampler; same function and chunks as the update: first ratio = 1
+        old = torch.cat([logprobs_of(model, s) for s in chunks])                         # (N, T)
+        ref = torch.cat([logprobs_of(ref_model, s) for s in chunks]) if ref_model is not None else None
+    entropy = sequence_entropy(old, mask)                                                # (N,)   Eq. E1
+    adv = grpo_advantages(batch["rewards"], cfg.group_size)                              # (N,)   Eq. A1
+    adv_hat = egpo_advantages(batch["rewards"], entropy, cfg.group_size, calibration=cfg.calibration,
+                              lambda_min=cfg.lambda_min, lambda_max=cfg.lambda_max, nsr_coef=cfg.nsr_coef,
+                              renorm=cfg.renorm)                                         # (N,)   Eqs. C1-R1
+
+    # Each chunk's loss is weighted by its share of the batch's tokens (or responses), so the
+    # accumulated gradient equals that of the whole batch under either aggregation.
+    total = mask.sum() if cfg.loss_agg == "token-mean" else n
+    logs = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    model.train()
+    for _ in range(cfg.mu):
+        optimizer.zero_grad()
+        for s in chunks:
+            loss, stats = policy_loss(logprobs_of(model, s), old[s], adv_hat[s], mask[s],
+                                      clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+                                      ref_logprobs=None if ref is None else ref[s], beta=cfg.beta,
+                                      loss_agg=cfg.loss_agg)
+            share = (mask[s].sum() if cfg.loss_agg == "token-mean" else s.stop - s.start) / total
+            (loss * share).backward()
+            logs["loss"] += loss.item() * float(share) / cfg.mu
+            for k in ("kl", "clip_frac"):
+                logs[k] += stats[k] * float(mask[s].sum() / mask.sum()) / cfg.mu
+        logs["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item() / cfg.mu
+        optimizer.step()
+    time_update = time.perf_counter() - t0
+
+    n_tokens = int(mask.sum())
+    return {**calibration_metrics(batch["rewards"], entropy, adv, adv_hat, cfg.group_size), **logs,
+            "completion_len": n_tokens / n, "time_sample": time_sample, "time_update": time_update,
+            "tokens_per_s": n_tokens / time_sample}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
+    """Held-out accuracy, greedy and sampled (one sample per problem at --temperature), and the
+    AUROC of -H as a predictor of correctness on the samples. The RNG state is saved and
+    restored, so a run is the same whatever its evaluation schedule."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    chunk = cfg.prompts_per_step * cfg.group_size
+    greedy, sampled, entropy = [], [], []
+    try:
+        for i in range(0, len(prompts), chunk):
+            p, g = prompts[i:i + chunk], golds[i:i + chunk]
+            greedy.append(rollout(model, tokenizer, p, g, 1, cfg, greedy=True)["rewards"])
+            batch = rollout(model, tokenizer, p, g, 1, cfg)
+            mask = batch["response_mask"]
+            lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], mask.shape[1], cfg.temperature)
+            sampled.append(batch["rewards"])
+            entropy.append(sequence_entropy(lp, mask))
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+    sampled_r, entropy = torch.cat(sampled), torch.cat(entropy)
+    return {"eval_acc": torch.cat(greedy).mean().item(), "eval_acc_sampled": sampled_r.mean().item(),
+            "eval_auroc": auroc(-entropy, sampled_r), "eval_entropy": entropy.mean().item()}
+
+
+def save_checkpoint(model, tokenizer, out: str):
+    model.save_pretrained(os.path.join(out, "checkpoint"))
+    tokenizer.save_pretrained(os.path.join(out, "checkpoint"))
+
+
+def train(cfg: Config) -> dict:
+    """The whole run: model, data, warm-up, RL with logging and checkpoints, summary."""
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model, tokenizer = load_policy(cfg, device)
+    train_rows, test_rows = load_rows(cfg)
+    encode = lambda rows: [build_prompt(tokenizer, r["question"], cfg.dataset) for r in rows]  # noqa: E731
+    train_prompts, test_prompts = encode(train_rows), encode(test_rows)
+    limit, longest = context_length(model, tokenizer), max(map(len, train_prompts + test_prompts))
+    if longest + cfg.max_new_tokens > limit:
+        raise UserError(f"a prompt is {longest} tokens; with --max-new-tokens {cfg.max_new_tokens} that exceeds "
+                        f"the model's context of {limit}: use shorter questions or lower --max-new-tokens")
+    if cfg.sft_steps and not all("solution" in r for r in train_rows):
+        raise UserError("--sft-steps needs worked solutions (the toy task, or GSM8K-style '... #### N' answers)")
+
+    cfg.out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.algo}-"
+                                      + os.path.basename(cfg.model.rstrip("/")))
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump({**dataclasses.asdict(cfg), "device_used": str(device), "torch": torch.__version__,
+                   "command": " ".join(sys.argv)}, f, indent=2)
+    print(f"egpo: {cfg.algo} (calibration {cfg.calibration}) on {cfg.model} / {cfg.dataset}, {device}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(train_rows)} train / {len(test_rows)} held-out problems -> {cfg.out}")
+
+    test_golds = [r["answer"] for r in test_rows]
+    summary = {"steps_done": 0}
+    if cfg.sft_steps:
+        sft_warmup(model, tokenizer, train_rows, train_prompts, cfg, rng)
+    if test_rows:
+        summary["before"] = evaluate(model, tokenizer, test_prompts, test_golds, cfg)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo)
+    try:
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as log:
+            for step in bar:
+                picks = [rng.randrange(len(train_rows)) for _ in range(cfg.prompts_per_step)]
+                metrics = {"step": step, **rl_step(model, ref_model, optimizer, tokenizer,
+                                                   [train_prompts[i] for i in picks],
+                                                   [train_rows[i]["answer"] for i in picks], cfg)}
+                if test_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    metrics.update(evaluate(model, tokenizer, test_prompts, test_golds, cfg))
+                    summary["after"] = {k: metrics[k] for k in summary["before"]}
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                summary["steps_done"] = step
+                bar.set_postfix(acc=f"{metrics['acc']:.2f}", H=f"{metrics['entropy_mean']:.2f}",
+                                auroc=f"{metrics['auroc_confidence']:.2f}")
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save_checkpoint(model, tokenizer, cfg.out)
+    except KeyboardInterrupt:
+        bar.close()
+        summary["interrupted"] = True
+        print(f"\ninterrupted at step {summary['steps_done']}: saving what exists", file=sys.stderr)
+    finally:
+        save_checkpoint(model, tokenizer, cfg.out)
+        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def print_summary(summary: dict, out: str):
+    before, after = summary.get("before"), summary.get("after")
+    if before and after:
+        print(f"\n{'held-out (' + str(summary['steps_done']) + ' RL steps)':34s} {'before RL':>10s} {'after RL':>10s}")
+        for key, label in [("eval_acc", "greedy accuracy"), ("eval_acc_sampled", "sampled accuracy"),
+                           ("eval_auroc", "AUROC of -H for correctness"), ("eval_entropy", "mean entropy proxy H")]:
+            fmt = (lambda x: f"{100 * x:9.1f}%") if "acc" in key else (lambda x: f"{x:10.3f}")  # noqa: E731
+            print(f"{label:34s} {fmt(before[key])} {fmt(after[key])}")
+    print(f"\nwrote {out}/metrics.jsonl, config.json, summary.json and the model in {out}/checkpoint/")
+
+
+# ====================================================================================
+# 10. Command line
+# ====================================================================================
+def parse_args(argv=None) -> Config:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="egpo.py", description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(name, action="store_true", help=help)
+            continue
+        help += "" if f.default is None else f" (default: {f.default})"
+        parser.add_argument(name, type=f.type, default=f.default, choices=f.metadata["choices"], help=help)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    try:
+        cfg = resolve(parse_args(argv))
+        summary = train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print_summary(summary, cfg.out)
+    if summary.get("interrupted"):
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

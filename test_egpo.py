@@ -1,0 +1,577 @@
+"""Tests of egpo.py: one per property of an equation, on small hand-checkable groups, then the
+verifier, the sampler, the command line end to end (tiny model, offline) and its errors.
+
+    pytest -q
+"""
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import egpo
+
+HERE = Path(__file__).resolve().parent
+SPEC_KEYS = """step reward_mean acc entropy_mean entropy_correct entropy_incorrect weight_mean weight_min
+weight_max groups_all_correct groups_all_wrong groups_mixed confident_correct fragile_correct
+overconfident_wrong exploratory_wrong auroc_confidence loss kl clip_frac grad_norm completion_len
+time_sample time_update tokens_per_s""".split()
+# A small, fast run of the offline default; tests add what they vary.
+QUICK = ["--steps", "2", "--sft-steps", "20", "--eval-size", "8", "--prompts-per-step", "2",
+         "--group-size", "4", "--max-new-tokens", "30"]
+
+
+def t(*xs):
+    return torch.tensor(xs, dtype=torch.float32)
+
+
+def random_groups(n_groups=200, group_size=8, seed=0):
+    """Random binary rewards (mixed, all-wrong and all-correct groups) and entropies."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(n_groups, 1, generator=g).expand(-1, group_size)
+    rewards = (torch.rand(n_groups, group_size, generator=g) < p).float().view(-1)
+    entropy = (torch.rand(n_groups * group_size, generator=g) * 3).view(-1)
+    return rewards, entropy
+
+
+# ---------------------------------------------------------------- Eq. E1: entropy proxy
+def test_entropy_is_the_masked_mean_negative_log_likelihood():
+    logprobs = t([-1.0, -2.0, -3.0, -50.0], [-0.5, -99.0, -99.0, -99.0])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert torch.allclose(egpo.sequence_entropy(logprobs, mask), t(2.0, 0.5))
+
+
+def test_entropy_of_an_empty_response_is_zero():
+    h = egpo.sequence_entropy(t([-1.0, -2.0], [-3.0, -4.0]), torch.tensor([[0, 0], [1, 1]]))
+    assert h.tolist() == [0.0, 3.5]
+
+
+def test_entropy_is_detached():
+    logprobs = t([-1.0, -2.0]).requires_grad_()
+    assert not egpo.sequence_entropy(logprobs, torch.ones(1, 2)).requires_grad
+
+
+# ---------------------------------------------------------------- Eq. A1: GRPO advantage
+def test_grpo_advantages_equal_hand_values():
+    # group 1: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
+    adv = egpo.grpo_advantages(t(1, 0, 0, 0, 1, 1, 0, 0), group_size=4, eps=0.0)
+    s = math.sqrt(1 / 3)  # group 2: mean 0.5, std sqrt(4 * 0.25 / 3)
+    assert torch.allclose(adv, t(1.5, -0.5, -0.5, -0.5, 0.5 / s, 0.5 / s, -0.5 / s, -0.5 / s))
+
+
+def test_grpo_advantages_are_zero_for_uniform_groups():
+    adv = egpo.grpo_advantages(t(1, 1, 1, 0, 0, 0), group_size=3)
+    assert adv.tolist() == [0.0] * 6
+
+
+# ---------------------------------------------------------------- Eqs. C1, C2: calibration
+def test_confidence_ratio_is_group_mean_entropy_over_own_entropy():
+    rho = egpo.confidence_ratio(t(0.5, 2.0, 0.5, 2.0), group_size=4, eps=0.0)
+    assert torch.allclose(rho, t(2.5, 0.625, 2.5, 0.625))
+
+
+def test_asymmetric_calibration_matches_the_worked_example():
+    adv_hat = egpo.egpo_advantages(t(1, 1, 0, 0), t(0.5, 2.0, 0.5, 2.0), group_size=4)
+    a = 0.5 / math.sqrt(1 / 3)
+    # weights: confident-correct 2 (clamped from 2.5), fragile-correct 1, overconfident-wrong 1,
+    # exploratory-wrong 0.625
+    assert torch.allclose(adv_hat, t(2 * a, a, -a, -0.625 * a), atol=1e-5)
+
+
+def test_calibration_keeps_every_sign():
+    rewards, entropy = random_groups()
+    adv = egpo.grpo_advantages(rewards, 8)
+    for calibration in ("asymmetric", "symmetric"):
+        adv_hat = egpo.egpo_advantages(rewards, entropy, 8, calibration=calibration)
+        mixed = adv != 0
+        assert mixed.sum() > 100
+        assert torch.equal(torch.sign(adv_hat[mixed]), torch.sign(adv[mixed]))
+
+
+def test_correct_answers_are_never_down_weighted():
+    rewards, entropy = random_groups()
+    adv = egpo.grpo_advantages(rewards, 8)
+    adv_hat = egpo.egpo_advantages(rewards, entropy, 8)
+    pos = adv > 0
+    assert (adv_hat[pos] >= adv[pos]).all()
+    assert (adv_hat[pos] / adv[pos]).max() == pytest.approx(2.0)  # lambda_max is reached
+
+
+def test_failures_are_never_up_weighted_in_mixed_groups():
+    rewards, entropy = random_groups()
+    adv = egpo.grpo_advantages(rewards, 8)
+    adv_hat = egpo.egpo_advantages(rewards, entropy, 8)
+    neg = adv < 0
+    assert (adv_hat[neg].abs() <= adv[neg].abs()).all()
+    assert (adv_hat[neg] / adv[neg]).min() == pytest.approx(0.5)  # lambda_min is reached
+
+
+def test_calibration_none_is_grpo_bit_for_bit():
+    rewards, entropy = random_groups()
+    assert torch.equal(egpo.egpo_advantages(rewards, entropy, 8, calibration="none"),
+                       egpo.grpo_advantages(rewards, 8))
+
+
+def test_symmetric_weights_stay_inside_their_bounds():
+    rewards, entropy = random_groups()
+    adv = egpo.grpo_advantages(rewards, 8)
+    adv_hat = egpo.egpo_advantages(rewards, entropy, 8, calibration="symmetric", lambda_min=0.3, lambda_max=3.0)
+    w = adv_hat[adv != 0] / adv[adv != 0]
+    assert w.min() >= 0.3 - 1e-6 and w.max() <= 3.0 + 1e-6
+    assert w.min() < 0.5 and w.max() > 2.0  # a symmetric clamp also weakens correct answers
+
+
+def test_unknown_calibration_is_rejected():
+    with pytest.raises(ValueError):
+        egpo.egpo_advantages(t(1, 0), t(1, 1), 2, calibration="sideways")
+
+
+# ---------------------------------------------------------------- Eq. N1: negative-sample reinforcement
+def test_all_wrong_groups_get_negative_advantages_most_confident_most_negative():
+    entropy = t(0.5, 1.0, 2.0, 4.0)  # Hbar = 1.875, rho = 3.75, 1.875, 0.9375, 0.46875
+    adv_hat = egpo.egpo_advantages(t(0, 0, 0, 0), entropy, 4, nsr_coef=0.1)
+    assert torch.allclose(adv_hat, t(-0.2, -0.1875, -0.09375, -0.05))  # rho clamped into [0.5, 2]
+    assert egpo.grpo_advantages(t(0, 0, 0, 0), 4).abs().sum() == 0  # where GRPO has no signal
+
+
+def test_all_wrong_groups_use_nsr_in_the_symmetric_variant_too():
+    adv_hat = egpo.egpo_advantages(t(0, 0), t(1.0, 3.0), 2, calibration="symmetric", nsr_coef=0.5)
+    assert torch.allclose(adv_hat, t(-0.5 * 2.0, -0.5 * 2 / 3))
+
+
+def test_all_correct_groups_get_zero():
+    adv_hat = egpo.egpo_advantages(t(1, 1, 1, 1), t(0.1, 0.2, 3.0, 0.4), 4)
+    assert adv_hat.tolist() == [0.0] * 4
+
+
+# ---------------------------------------------------------------- Eq. R1: renormalisation
+def test_renorm_keeps_a_mixed_groups_mean_absolute_advantage():
+    rewards, entropy = random_groups()
+    adv = egpo.grpo_advantages(rewards, 8).view(-1, 8)
+    adv_hat = egpo.egpo_advantages(rewards, entropy, 8, renorm=True).view(-1, 8)
+    plain = egpo.egpo_advantages(rewards, entropy, 8).view(-1, 8)
+    mixed = rewards.view(-1, 8).std(1) > 0
+    assert torch.allclose(adv_hat[mixed].abs().mean(1), adv[mixed].abs().mean(1), atol=1e-5)
+    assert torch.equal(adv_hat[~mixed], plain[~mixed])  # NSR and all-correct groups are untouched
+
+
+def test_renorm_worked_example():
+    a = 0.5 / math.sqrt(1 / 3)
+    adv_hat = egpo.egpo_advantages(t(1, 1, 0, 0), t(0.5, 2.0, 0.5, 2.0), 4, renorm=True)
+    raw = torch.tensor([2 * a, a, -a, -0.625 * a])
+    assert torch.allclose(adv_hat, raw * a / raw.abs().mean(), atol=1e-5)
+
+
+# ---------------------------------------------------------------- Section 3: policy loss
+def test_ratio_one_gives_minus_the_mean_advantage_for_each_aggregation():
+    lp = t([-1.0, -2.0, -3.0], [-0.5, -0.1, -0.1])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    adv = t(1.0, -2.0)
+    token, stats = egpo.policy_loss(lp, lp, adv, mask, loss_agg="token-mean")
+    seq, _ = egpo.policy_loss(lp, lp, adv, mask, loss_agg="seq-mean-token-mean")
+    assert token.item() == pytest.approx(-(3 * 1.0 + 1 * -2.0) / 4)  # per token
+    assert seq.item() == pytest.approx(-(1.0 - 2.0) / 2)  # per response
+    assert stats == {"kl": 0.0, "clip_frac": 0.0}
+
+
+def test_clipping_zeroes_the_gradient_exactly_where_ppo_says():
+    ratios = t([0.5, 0.9, 1.1, 1.5], [0.5, 0.9, 1.1, 1.5])
+    logprobs = ratios.log().requires_grad_()
+    adv = t(1.0, -1.0)
+    loss, stats = egpo.policy_loss(logprobs, torch.zeros(2, 4), adv, torch.ones(2, 4))
+    loss.backward()
+    # d(-ratio * A / 8)/dlogp = -ratio * A / 8 where the unclipped branch is active; 0 where
+    # A > 0 and ratio > 1.2, or A < 0 and ratio < 0.8
+    expected = -ratios * adv[:, None] / 8
+    expected[0, 3] = 0.0
+    expected[1, 0] = 0.0
+    assert torch.allclose(logprobs.grad, expected)
+    assert stats["clip_frac"] == pytest.approx(2 / 8)
+
+
+def test_masked_tokens_get_no_gradient():
+    logprobs = t([-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss, _ = egpo.policy_loss(logprobs, logprobs.detach() + 0.1, t(1.0, -1.0), mask,
+                               ref_logprobs=torch.zeros(2, 3), beta=0.5)
+    loss.backward()
+    assert (logprobs.grad[mask == 0] == 0).all()
+    assert (logprobs.grad[mask == 1] != 0).all()
+
+
+def test_k3_kl_is_zero_when_the_reference_is_the_policy_and_hand_value_otherwise():
+    lp = t([-1.0, -2.0])
+    mask = torch.ones(1, 2)
+    _, same = egpo.policy_loss(lp, lp, t(0.0), mask, ref_logprobs=lp.clone(), beta=0.1)
+    assert same["kl"] == 0.0
+    loss, other = egpo.policy_loss(lp, lp, t(0.0), mask, ref_logprobs=lp + 0.5, beta=0.1)
+    k3 = math.exp(0.5) - 0.5 - 1
+    assert other["kl"] == pytest.approx(k3)
+    assert loss.item() == pytest.approx(0.1 * k3)  # A = 0: only the KL term is left
+
+
+def test_micro_batches_weighted_by_their_share_reproduce_the_full_batch_loss():
+    g = torch.Generator().manual_seed(0)
+    lp, old = -torch.rand(6, 5, generator=g), -torch.rand(6, 5, generator=g)
+    adv = torch.randn(6, generator=g)
+    mask = torch.tensor([[1] * k + [0] * (5 - k) for k in (5, 1, 3, 0, 2, 4)])
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        full, _ = egpo.policy_loss(lp, old, adv, mask, loss_agg=agg)
+        total, parts = (mask.sum(), 0.0) if agg == "token-mean" else (6, 0.0)
+        for s in (slice(0, 2), slice(2, 5), slice(5, 6)):
+            share = mask[s].sum() if agg == "token-mean" else s.stop - s.start
+            parts += egpo.policy_loss(lp[s], old[s], adv[s], mask[s], loss_agg=agg)[0] * share / total
+        assert parts.item() == pytest.approx(full.item(), abs=1e-6)
+
+
+def test_eos_token_is_inside_the_loss_mask_and_padding_after_it_is_not():
+    eos, pad = 1, 0
+    response = torch.tensor([[5, 6, eos, pad, pad], [5, eos, eos, eos, eos], [5, 6, 7, 8, 9], [eos, pad, pad, pad, pad]])
+    assert egpo.eos_mask(response, [eos]).long().tolist() == [
+        [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert egpo.eos_mask(torch.tensor([[5, 9, 3]]), [9, 3]).long().tolist() == [[1, 1, 0]]  # any EOS id
+
+
+# ---------------------------------------------------------------- metrics
+def test_auroc_hand_values():
+    labels = t(1, 1, 0, 0)
+    assert egpo.auroc(t(0.9, 0.8, 0.1, 0.2), labels) == 1.0
+    assert egpo.auroc(t(0.1, 0.8, 0.9, 0.2), labels) == 0.25  # pairs won: (0.8 > 0.2) only
+    assert egpo.auroc(t(0.5, 0.5, 0.5, 0.5), labels) == 0.5
+    assert math.isnan(egpo.auroc(t(0.1, 0.2), t(1, 1)))
+
+
+def test_quadrants_and_group_counts():
+    rewards = t(1, 1, 0, 0, 1, 1, 1, 1)
+    entropy = t(0.5, 2.0, 0.5, 2.0, 1.0, 1.0, 1.0, 1.0)  # group 2: nobody is below its mean -> fragile
+    adv = egpo.grpo_advantages(rewards, 4)
+    m = egpo.calibration_metrics(rewards, entropy, adv, egpo.egpo_advantages(rewards, entropy, 4), 4)
+    assert (m["confident_correct"], m["fragile_correct"], m["overconfident_wrong"], m["exploratory_wrong"]) == (1, 5, 1, 1)
+    assert (m["groups_mixed"], m["groups_all_wrong"], m["groups_all_correct"]) == (1, 0, 1)
+    assert (m["weight_min"], m["weight_max"], m["weight_mean"]) == pytest.approx((0.625, 2.0, 4.625 / 4))
+    assert m["acc"] == m["reward_mean"] == 0.75
+    assert m["entropy_correct"] == pytest.approx(6.5 / 6) and m["entropy_incorrect"] == pytest.approx(1.25)
+    # -H of the 6 correct (-0.5, -2, -1 x4) against the 2 wrong (-0.5, -2): 6 of the 12 pairs won, ties 1/2
+    assert m["auroc_confidence"] == pytest.approx(6 / 12)
+
+
+# ---------------------------------------------------------------- verifier
+GSM8K_CASES = [
+    ("She pays 5+3=8 dollars.\n#### 8", "8", 1),
+    ("#### 1,234", "1234", 1),
+    ("#### $1,234.00", "1234", 1),
+    ("So she pays 18 dollars.\n#### 18 dollars", "18", 1),
+    ("#### 18.", "18", 1),
+    ("#### -7", "-7", 1),
+    ("#### 7", "-7", 0),
+    ("#### 17", "18", 0),
+    ("#### 0.5", "1/2", 1),
+    ("#### 50%", "50", 1),
+    ("#### 18\nand some text after it", "18", 1),
+    ("#### 12\nno wait\n#### 18", "18", 1),
+    ("#### 12\nno wait\n#### 18", "12", 0),
+    ("#### 1000000", "1,000,000", 1),
+    ("#### 2.5", "2.50", 1),
+    ("#### 1,2", "12", 0),
+    ("#### twelve", "12", 0),
+    ("#### 7", "Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 7", 1),  # a whole GSM8K answer as gold
+    ("The answer is 18.", "18", 0),  # no final-answer marker
+    ("", "18", 0),
+    ("####", "18", 0),
+    ("#### AZYUK2A", "2", 0),
+]
+MATH_CASES = [
+    ("$\\boxed{\\frac{1}{2}}$", "\\frac12", 1),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1),
+    ("\\boxed{\\dfrac{3}{4}}", "3/4", 1),
+    ("\\boxed{-\\frac{2}{3}}", "-\\frac{2}{3}", 1),
+    ("\\boxed{\\frac{2}{3}}", "-\\frac{2}{3}", 0),
+    ("\\boxed{0.33333}", "\\frac{1}{3}", 0),  # 1e-5 off: outside the 1e-6 relative tolerance
+    ("\\boxed{0.333333333}", "\\frac{1}{3}", 1),
+    ("\\boxed{3\\sqrt{2}}", "3\\sqrt{2}", 1),
+    ("\\boxed{3\\sqrt{2}}", "3", 0),
+    ("\\boxed{90^\\circ}", "90", 1),
+    ("\\boxed{90^{\\circ}}", "90^\\circ", 1),
+    ("\\boxed{\\text{(B)}}", "(B)", 1),
+    ("\\boxed{(1, 2)}", "(1,2)", 1),
+    ("\\boxed{(1, 2)}", "(2,1)", 0),
+    ("\\boxed{x = 5}", "5", 1),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", 1),
+    ("\\boxed{1} and finally \\boxed{2}", "2", 1),
+    ("\\fbox{7}", "7", 1),
+    ("so it is \\boxed 7.", "7", 1),
+    ("\\boxed{12", "12", 0),  # unbalanced: no answer
+    ("\\boxed{}", "0", 0),
+    ("\\boxed{\\$16,\\!386.20}", "16386.20", 1),
+    ("\\boxed{14{,}916}", "14916", 1),
+    ("\\boxed{20\\%}", "20", 1),
+    ("\\boxed{15\\text{ cm}^2}", "15", 1),
+    ("\\boxed{2x}", "2", 0),  # a variable is not a unit
+    ("\\boxed{\\pi}", "\\pi", 1),
+    ("\\boxed{\\left( \\frac{1}{3} \\right)}", "\\frac{1}{3}", 1),
+    ("\\boxed{1\\frac{1}{2}}", "11/2", 0),  # a mixed number is not 11/2
+    ("The answer is 5", "5", 0),
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected", GSM8K_CASES + MATH_CASES)
+def test_verify(completion, gold, expected):
+    assert egpo.verify(completion, gold) == expected
+
+
+def test_extract_answer_takes_the_last_boxed_with_nested_braces_else_hashes_else_none():
+    assert egpo.extract_answer("a \\boxed{1} b \\boxed{\\frac{1}{\\sqrt{2}}} c") == "\\frac{1}{\\sqrt{2}}"
+    assert egpo.extract_answer("x\n#### 42 \nmore") == "42"
+    assert egpo.extract_answer("no answer here") is None
+    assert egpo.extract_answer(None) is None
+
+
+def test_verifier_never_raises_on_any_string():
+    rng = random.Random(0)
+    alphabet = "\\{}$#%.,/-+ ^0123456789boxedfractextlp()\n"
+    for _ in range(3000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert egpo.verify(s, s[::-1]) in (0.0, 1.0)
+        assert egpo.verify("#### " + s, s) in (0.0, 1.0)
+    assert egpo.verify("#### " + "9" * 5000, "9" * 5000) == 1.0
+
+
+def test_toy_solutions_verify_and_the_splits_are_disjoint():
+    for digits in (2, 3):
+        train, test = egpo.make_toy_task(digits, n_test=100, seed=0)
+        assert len(test) == 100 and not {r["question"] for r in train} & {r["question"] for r in test}
+        for r in train[:300] + test:
+            a, b = map(int, r["question"].rstrip("=").split("+"))
+            assert r["answer"] == str(a + b) and egpo.verify(r["solution"], r["answer"]) == 1.0
+    assert egpo.toy_problem(47, 38)["solution"] == "7+8+0=15,4+3+1=8 #### 85"
+
+
+# ---------------------------------------------------------------- sampler and old log-probs
+def test_old_logprobs_agree_with_the_samplers_own_logits():
+    model, tok = egpo.build_tiny_model(seed=0)
+    tok.padding_side = "left"
+    prompts = [tok("1+2=")["input_ids"], tok("12+34=")["input_ids"]]  # unequal: left padding is exercised
+    batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    out = model.generate(**batch, do_sample=True, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=12,
+                         num_return_sequences=4, output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    response = out.sequences[:, batch["input_ids"].shape[1]:]
+    from_sampler = torch.log_softmax(torch.stack(out.logits, 1) / 0.7, -1).gather(-1, response[..., None])[..., 0]
+    attention = torch.cat([batch["attention_mask"].repeat_interleave(4, 0), torch.ones_like(response)], 1)
+    with torch.no_grad():
+        from_forward = egpo.token_logprobs(model, out.sequences, attention, response.shape[1], 0.7)
+    mask = egpo.eos_mask(response, [tok.eos_token_id])
+    assert (from_forward - from_sampler)[mask].abs().max() < 1e-4
+
+
+def test_sampling_is_exactly_temperature_and_top_p_whatever_the_checkpoint_says(tmp_path):
+    model, tok = egpo.build_tiny_model(seed=0)
+    model.generation_config.update(do_sample=True, top_k=3, repetition_penalty=1.5)  # as Qwen checkpoints ship
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg = egpo.resolve(egpo.Config(model=str(tmp_path), temperature=0.7, max_new_tokens=6))
+    model, tok = egpo.load_policy(cfg, torch.device("cpu"))
+    seen = {}
+    generate = model.generate
+
+    def spy(**kwargs):
+        out = generate(**kwargs, output_scores=True, output_logits=True, return_dict_in_generate=True)
+        seen["out"] = out
+        return out.sequences
+
+    model.generate = spy
+    egpo.rollout(model, tok, [tok("1+2=")["input_ids"]], ["3"], 4, cfg)
+    for scores, logits in zip(seen["out"].scores, seen["out"].logits):
+        assert torch.isfinite(scores).all()  # nothing filtered (top_p = 1, no top-k)
+        assert torch.allclose(scores, logits / 0.7)  # no repetition penalty
+
+
+def test_prompt_formats():
+    model, tok = egpo.build_tiny_model(seed=0)
+    assert tok.decode(egpo.build_prompt(tok, "12+3=", "toy")) == "12+3="
+    plain = tok.decode(egpo.build_prompt(tok, "What is 2+2?", "gsm8k"))
+    assert plain.startswith("Question: What is 2+2?\n") and "\\boxed{}" in plain and plain.endswith("Answer:")
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    chat = tok.decode(egpo.build_prompt(tok, "12+3=", "toy"))
+    assert chat.startswith("<user>12+3=\n") and chat.endswith("<assistant>")
+
+
+# ---------------------------------------------------------------- command line, end to end
+def run_cli(*args, env=None, **kwargs):
+    return subprocess.run([sys.executable, str(HERE / "egpo.py"), *args], capture_output=True, text=True,
+                          cwd=HERE, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, **kwargs)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+
+
+def test_cli_smoke_two_rl_steps_log_every_metric_and_the_checkpoint_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = run_cli(*QUICK, "--out", str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert set(SPEC_KEYS) <= set(r)
+    assert 0 <= records[-1]["eval_acc"] <= 1 and "eval_acc" not in records[0]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "checkpoint")
+    assert tok.decode(tok("12+3=")["input_ids"]) == "12+3="
+    assert model.config.model_type == "qwen2" and model.config.hidden_size == 64
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["calibration"] == "asymmetric" and config["lr"] == 1e-4
+    assert "held-out" in p.stdout and "before RL" in p.stdout
+
+
+def test_same_seed_twice_gives_identical_metrics(tmp_path):
+    for name in ("a", "b"):
+        egpo.main(QUICK + ["--steps", "3", "--out", str(tmp_path / name)])
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in egpo.TIME_KEYS} for r in rs]  # noqa: E731
+    assert json.dumps(strip(a)) == json.dumps(strip(b))
+    egpo.main(QUICK + ["--steps", "3", "--seed", "1", "--out", str(tmp_path / "c")])
+    assert json.dumps(strip(read_metrics(tmp_path / "c"))) != json.dumps(strip(a))
+
+
+def test_evaluation_does_not_disturb_training(tmp_path):
+    egpo.main(QUICK + ["--steps", "3", "--eval-every", "1", "--out", str(tmp_path / "often")])
+    egpo.main(QUICK + ["--steps", "3", "--out", str(tmp_path / "end")])
+    train_only = lambda rs: [{k: v for k, v in r.items() if k not in egpo.TIME_KEYS and not k.startswith("eval")}
+                             for r in rs]  # noqa: E731
+    often, end = read_metrics(tmp_path / "often"), read_metrics(tmp_path / "end")
+    assert ["eval_acc" in r for r in often] == [True, True, True]
+    assert json.dumps(train_only(often)) == json.dumps(train_only(end))
+    assert often[-1]["eval_acc"] == end[-1]["eval_acc"]
+
+
+def test_grpo_flag_is_calibration_none(tmp_path):
+    egpo.main(QUICK + ["--algo", "grpo", "--out", str(tmp_path / "g")])
+    egpo.main(QUICK + ["--calibration", "none", "--out", str(tmp_path / "n")])
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in egpo.TIME_KEYS} for r in rs]  # noqa: E731
+    g = strip(read_metrics(tmp_path / "g"))
+    assert g == strip(read_metrics(tmp_path / "n"))
+    assert all(r["weight_min"] == r["weight_max"] == 1.0 for r in g if r["groups_mixed"])
+
+
+def save_tiny(path, chat_template=None):
+    model, tok = egpo.build_tiny_model(seed=0)
+    tok.chat_template = chat_template
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_parquet(path, rows):
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+def test_real_model_path_runs_on_a_local_model_and_a_gsm8k_schema_parquet(tmp_path, capsys):
+    model_dir = save_tiny(tmp_path / "model", chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    rows = [{"question": f"What is {a} plus {a}?", "answer": f"{a} + {a} = <<{a}+{a}={2 * a}>>{2 * a}\n#### {2 * a}"}
+            for a in range(20)]
+    data = write_parquet(tmp_path / "train.parquet", rows)
+    egpo.main(["--model", str(model_dir), "--dataset", str(data), "--steps", "2", "--prompts-per-step", "2",
+               "--group-size", "2", "--max-new-tokens", "8", "--eval-size", "4", "--device", "cpu",
+               "--out", str(tmp_path / "run")])
+    records = read_metrics(tmp_path / "run")
+    assert len(records) == 2 and set(SPEC_KEYS) <= set(records[0])
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert (config["lr"], config["micro_batch_size"], config["sft_steps"]) == (1e-6, 8, 0)  # real-model defaults
+    assert "4 held-out" in capsys.readouterr().out
+
+
+def test_ctrl_c_saves_the_checkpoint_and_the_metrics_so_far(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    proc = subprocess.Popen([sys.executable, str(HERE / "egpo.py"), "--steps", "100000", "--sft-steps", "0",
+                             "--eval-size", "0", "--out", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted at step" in err
+    records = read_metrics(tmp_path)
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["interrupted"] and summary["steps_done"] == len(records) >= 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").config.model_type == "qwen2"
+
+
+def test_help_documents_every_flag_of_the_spec(capsys):
+    with pytest.raises(SystemExit) as e:
+        egpo.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for name in """model dataset algo calibration steps prompts-per-step group-size max-new-tokens temperature
+    top-p lr beta clip-eps-low clip-eps-high loss-agg mu lambda-min lambda-max nsr-coef renorm sft-steps
+    toy-digits micro-batch-size gradient-checkpointing eval-every eval-size seed device out""".split():
+        assert re.search(rf"--{name}\b(?!-)", text), name
+
+
+# ---------------------------------------------------------------- errors: one line, exit code 2
+def expect_user_error(argv, capsys, *words):
+    with pytest.raises(SystemExit) as e:
+        egpo.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--group-size", "1"], ["--group-size must be >= 2"]),
+    (["--prompts-per-step", "0"], ["--prompts-per-step must be >= 1"]),
+    (["--steps", "0"], ["--steps must be >= 1"]),
+    (["--lambda-min", "1.5"], ["--lambda-min must be in (0, 1]"]),
+    (["--lambda-max", "0.5"], ["--lambda-max must be >= 1"]),
+    (["--algo", "grpo", "--calibration", "symmetric"], ["--algo grpo means --calibration none"]),
+])
+def test_bad_flags_give_a_one_line_error(argv, words, capsys, tmp_path):
+    expect_user_error(argv + ["--out", str(tmp_path)], capsys, *words)
+
+
+def test_cuda_without_cuda_is_a_clear_error(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expect_user_error(["--device", "cuda", "--out", str(tmp_path)], capsys, "CUDA is not available", "--device cpu")
+
+
+def test_unknown_model_with_the_hub_unreachable(tmp_path):
+    p = run_cli("--model", "no-such-org/no-such-model", "--out", str(tmp_path), timeout=300)
+    err = p.stderr.strip()
+    assert p.returncode == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert "pass a local path" in err and "python egpo.py" in err
+
+
+def test_dataset_errors(tmp_path, capsys):
+    missing = str(tmp_path / "nope.jsonl")
+    expect_user_error(["--dataset", missing, "--out", str(tmp_path)], capsys, "does not exist")
+    (tmp_path / "data.txt").write_text("hello")
+    expect_user_error(["--dataset", str(tmp_path / "data.txt"), "--out", str(tmp_path)], capsys, ".jsonl/.json/.parquet/.csv")
+    wrong = write_parquet(tmp_path / "wrong.parquet", [{"problem": "1+1", "solution": "2"}] * 4)
+    expect_user_error(["--dataset", str(wrong), "--out", str(tmp_path)], capsys, "needs 'question' and 'answer'")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "1+1", "answer": "2"}\n{not json\n')
+    expect_user_error(["--dataset", str(broken), "--out", str(tmp_path)], capsys, "could not read")
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"question": "1+" * 150 + "1", "answer": "151"}) + "\n" for _ in range(4)))
+    expect_user_error(["--dataset", str(data), "--eval-size", "1", "--out", str(tmp_path)], capsys,
+                      "exceeds the model's context of 256", "--max-new-tokens")
