@@ -79,7 +79,7 @@ class Config:
                                        "[auto: whole batch for tiny, 8 for real models]")
     gradient_checkpointing: bool = flag(False, "trade compute for memory in the update (real models)")
     # --- tiny model and toy task
-    sft_steps: int = flag(None, "supervised warm-up steps on worked solutions [auto: 300 for tiny+toy, else 0]")
+    sft_steps: int = flag(None, "supervised warm-up steps on worked solutions [auto: 200 for tiny+toy, else 0]")
     sft_lr: float = flag(3e-3, "learning rate of the warm-up")
     sft_batch_size: int = flag(64, "batch size of the warm-up")
     toy_digits: int = flag(2, "operand digits of the toy addition task (3 = harder: many all-wrong groups)")
@@ -116,7 +116,7 @@ def resolve(cfg: Config) -> Config:
     if cfg.dataset is None:
         cfg.dataset = "toy" if tiny else "gsm8k"
     if cfg.sft_steps is None:
-        cfg.sft_steps = 300 if tiny and cfg.dataset == "toy" else 0
+        cfg.sft_steps = 200 if tiny and cfg.dataset == "toy" else 0
     if cfg.algo == "grpo" and cfg.calibration not in (None, "none"):
         raise UserError(f"--algo grpo means --calibration none; drop --calibration {cfg.calibration} "
                         "or use --algo egpo")
@@ -364,7 +364,7 @@ def load_policy(cfg: Config, device: torch.device):
     model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
                                                bos_token_id=model.generation_config.bos_token_id)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model.to(device), tokenizer
 
 

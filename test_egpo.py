@@ -463,6 +463,17 @@ def test_grpo_flag_is_calibration_none(tmp_path):
     assert all(r["weight_min"] == r["weight_max"] == 1.0 for r in g if r["groups_mixed"])
 
 
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batching_does_not_change_the_update(tmp_path, loss_agg):
+    one = QUICK + ["--steps", "1", "--eval-size", "0", "--loss-agg", loss_agg]
+    egpo.main(one + ["--out", str(tmp_path / "whole")])
+    egpo.main(one + ["--micro-batch-size", "3", "--out", str(tmp_path / "micro")])
+    whole, micro = read_metrics(tmp_path / "whole")[0], read_metrics(tmp_path / "micro")[0]
+    assert whole["acc"] == micro["acc"] and whole["completion_len"] == micro["completion_len"]
+    assert micro["loss"] == pytest.approx(whole["loss"], rel=1e-4, abs=1e-6)
+    assert micro["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+
+
 def save_tiny(path, chat_template=None):
     model, tok = egpo.build_tiny_model(seed=0)
     tok.chat_template = chat_template
@@ -485,11 +496,12 @@ def test_real_model_path_runs_on_a_local_model_and_a_gsm8k_schema_parquet(tmp_pa
     data = write_parquet(tmp_path / "train.parquet", rows)
     egpo.main(["--model", str(model_dir), "--dataset", str(data), "--steps", "2", "--prompts-per-step", "2",
                "--group-size", "2", "--max-new-tokens", "8", "--eval-size", "4", "--device", "cpu",
-               "--out", str(tmp_path / "run")])
+               "--gradient-checkpointing", "--out", str(tmp_path / "run")])
     records = read_metrics(tmp_path / "run")
     assert len(records) == 2 and set(SPEC_KEYS) <= set(records[0])
     config = json.load(open(tmp_path / "run" / "config.json"))
     assert (config["lr"], config["micro_batch_size"], config["sft_steps"]) == (1e-6, 8, 0)  # real-model defaults
+    assert (config["max_new_tokens"], config["eval_every"], config["save_every"]) == (8, 50, 50)
     assert "4 held-out" in capsys.readouterr().out
 
 
