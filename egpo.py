@@ -5,7 +5,7 @@ Verifiable RL Reasoning", arXiv:2602.22751. EGPO is GRPO (outcome reward, group-
 advantages, PPO-clip update) in which each response's advantage is scaled by how confident
 the model was when it wrote it. The verifier and the 0/1 reward are unchanged.
 
-    python egpo.py                              # offline demo: tiny model, toy task, CPU, ~1 min
+    python egpo.py                              # offline demo: tiny model, toy task, CPU, ~25 s
     python egpo.py --algo grpo                  # the same run with plain GRPO
     python egpo.py --model Qwen2.5-0.5B         # a real model on GSM8K (CUDA, bf16 autocast)
     python egpo.py --help                       # every flag, with its default
@@ -18,7 +18,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -28,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm  # tqdm ships with transformers and datasets
 
 
@@ -257,16 +255,17 @@ def load_rows(cfg: Config) -> tuple[list, list]:
     try:
         import datasets  # imported here so that the toy run works without it
     except ImportError:
-        raise UserError("--dataset other than toy needs the `datasets` package: pip install -r requirements.txt")
+        raise UserError("--dataset other than toy needs the `datasets` package: pip install -r requirements.txt") from None
     datasets.disable_progress_bars()
     hub = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", None)}
     if cfg.dataset in hub:
         path, name = hub[cfg.dataset]
+        print(f"loading {path} from the hub or its local cache ...")
         try:
             splits = datasets.load_dataset(path, name)
         except Exception as e:
             raise UserError(f"could not load {path} from the hub ({type(e).__name__}); with no network, pass "
-                            "a local .jsonl/.parquet with question and answer columns instead")
+                            "a local .jsonl/.parquet with question and answer columns instead") from None
         if cfg.dataset == "math500":  # 500 test problems only: hold out eval_size of them
             rows = [{"question": r["problem"], "answer": r["answer"]} for r in splits["test"]]
             random.Random(0).shuffle(rows)
@@ -283,7 +282,7 @@ def load_rows(cfg: Config) -> tuple[list, list]:
         table = datasets.load_dataset(builders[ext], data_files=cfg.dataset, split="train")
     except Exception as e:
         reason = str(e.__cause__ or e).strip().splitlines()[0][:200]
-        raise UserError(f"could not read {cfg.dataset} as {ext[1:]}: {reason}")
+        raise UserError(f"could not read {cfg.dataset} as {ext[1:]}: {reason}") from None
     missing = {"question", "answer"} - set(table.column_names)
     if missing:
         raise UserError(f"{cfg.dataset} has columns {table.column_names}; it needs 'question' and 'answer' "
@@ -348,6 +347,8 @@ def load_policy(cfg: Config, device: torch.device):
         model, tokenizer = build_tiny_model(cfg.seed)
     else:
         name = ALIASES.get(cfg.model, cfg.model)
+        if not os.path.isdir(name):
+            print(f"loading {name} from the hub or its local cache ...")
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
@@ -355,7 +356,7 @@ def load_policy(cfg: Config, device: torch.device):
             where = "is not a local directory and could not be fetched from the hub"
             raise UserError(f"model {cfg.model!r} {where} ({type(e).__name__}): pass a local path saved with "
                             "save_pretrained, check the hub id and the network, or run `python egpo.py` for the "
-                            "offline demo")
+                            "offline demo") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -378,7 +379,7 @@ def autocast(device: torch.device):
 
 def context_length(model, tokenizer) -> int:
     n = getattr(model.config, "max_position_embeddings", None)
-    return n or (tokenizer.model_max_length if tokenizer.model_max_length < 10 ** 7 else 10 ** 7)
+    return n or min(tokenizer.model_max_length, 10 ** 7)  # some tokenizers say 1e30 for "unknown"
 
 
 # ====================================================================================
@@ -595,15 +596,19 @@ def sft_warmup(model, tokenizer, rows: list, prompts: list, cfg: Config, rng: ra
             target = tokenizer(rows[i]["solution"])["input_ids"] + [tokenizer.eos_token_id]
             seqs.append(prompts[i] + target)
             labels.append([-100] * len(prompts[i]) + target)
-        width = max(map(len, seqs))
-        pad = lambda xs, value: torch.tensor([x + [value] * (width - len(x)) for x in xs], device=device)  # noqa: E731
         with autocast(device):
-            loss = model(input_ids=pad(seqs, tokenizer.pad_token_id), attention_mask=pad([[1] * len(x) for x in seqs], 0),
-                         labels=pad(labels, -100)).loss
+            loss = model(input_ids=pad_right(seqs, tokenizer.pad_token_id, device),
+                         attention_mask=pad_right([[1] * len(x) for x in seqs], 0, device),
+                         labels=pad_right(labels, -100, device)).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
+
+
+def pad_right(rows: list[list[int]], value: int, device) -> torch.Tensor:
+    width = max(map(len, rows))
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows], device=device)
 
 
 def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
@@ -699,8 +704,10 @@ def train(cfg: Config) -> dict:
     rng = random.Random(cfg.seed)
     model, tokenizer = load_policy(cfg, device)
     train_rows, test_rows = load_rows(cfg)
-    encode = lambda rows: [build_prompt(tokenizer, r["question"], cfg.dataset) for r in rows]  # noqa: E731
-    train_prompts, test_prompts = encode(train_rows), encode(test_rows)
+    if not train_rows:
+        raise UserError(f"no training problems left after holding out --eval-size {cfg.eval_size}: lower it")
+    train_prompts = [build_prompt(tokenizer, r["question"], cfg.dataset) for r in train_rows]
+    test_prompts = [build_prompt(tokenizer, r["question"], cfg.dataset) for r in test_rows]
     limit, longest = context_length(model, tokenizer), max(map(len, train_prompts + test_prompts))
     if longest + cfg.max_new_tokens > limit:
         raise UserError(f"a prompt is {longest} tokens; with --max-new-tokens {cfg.max_new_tokens} that exceeds "
@@ -761,8 +768,8 @@ def print_summary(summary: dict, out: str):
         print(f"\n{'held-out (' + str(summary['steps_done']) + ' RL steps)':34s} {'before RL':>10s} {'after RL':>10s}")
         for key, label in [("eval_acc", "greedy accuracy"), ("eval_acc_sampled", "sampled accuracy"),
                            ("eval_auroc", "AUROC of -H for correctness"), ("eval_entropy", "mean entropy proxy H")]:
-            fmt = (lambda x: f"{100 * x:9.1f}%") if "acc" in key else (lambda x: f"{x:10.3f}")  # noqa: E731
-            print(f"{label:34s} {fmt(before[key])} {fmt(after[key])}")
+            values = [f"{100 * x:9.1f}%" if "acc" in key else f"{x:10.3f}" for x in (before[key], after[key])]
+            print(f"{label:34s} {values[0]} {values[1]}")
     print(f"\nwrote {out}/metrics.jsonl, config.json, summary.json and the model in {out}/checkpoint/")
 
 
@@ -784,6 +791,9 @@ def parse_args(argv=None) -> Config:
 
 
 def main(argv=None):
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # no retry chatter when the hub is unreachable: our error says it once
     try:
         cfg = resolve(parse_args(argv))
         summary = train(cfg)

@@ -395,7 +395,7 @@ def test_sampling_is_exactly_temperature_and_top_p_whatever_the_checkpoint_says(
 
 
 def test_prompt_formats():
-    model, tok = egpo.build_tiny_model(seed=0)
+    _, tok = egpo.build_tiny_model(seed=0)
     assert tok.decode(egpo.build_prompt(tok, "12+3=", "toy")) == "12+3="
     plain = tok.decode(egpo.build_prompt(tok, "What is 2+2?", "gsm8k"))
     assert plain.startswith("Question: What is 2+2?\n") and "\\boxed{}" in plain and plain.endswith("Answer:")
@@ -411,7 +411,15 @@ def run_cli(*args, env=None, **kwargs):
 
 
 def read_metrics(out):
-    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def without(records, keys):
+    return [{k: v for k, v in r.items() if k not in keys} for r in records]
 
 
 def test_cli_smoke_two_rl_steps_log_every_metric_and_the_checkpoint_reloads(tmp_path):
@@ -428,7 +436,7 @@ def test_cli_smoke_two_rl_steps_log_every_metric_and_the_checkpoint_reloads(tmp_
     tok = AutoTokenizer.from_pretrained(tmp_path / "checkpoint")
     assert tok.decode(tok("12+3=")["input_ids"]) == "12+3="
     assert model.config.model_type == "qwen2" and model.config.hidden_size == 64
-    config = json.load(open(tmp_path / "config.json"))
+    config = read_json(tmp_path / "config.json")
     assert config["calibration"] == "asymmetric" and config["lr"] == 1e-4
     assert "held-out" in p.stdout and "before RL" in p.stdout
 
@@ -437,29 +445,27 @@ def test_same_seed_twice_gives_identical_metrics(tmp_path):
     for name in ("a", "b"):
         egpo.main(QUICK + ["--steps", "3", "--out", str(tmp_path / name)])
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in egpo.TIME_KEYS} for r in rs]  # noqa: E731
-    assert json.dumps(strip(a)) == json.dumps(strip(b))
+    assert json.dumps(without(a, egpo.TIME_KEYS)) == json.dumps(without(b, egpo.TIME_KEYS))
     egpo.main(QUICK + ["--steps", "3", "--seed", "1", "--out", str(tmp_path / "c")])
-    assert json.dumps(strip(read_metrics(tmp_path / "c"))) != json.dumps(strip(a))
+    assert json.dumps(without(read_metrics(tmp_path / "c"), egpo.TIME_KEYS)) != json.dumps(without(a, egpo.TIME_KEYS))
 
 
 def test_evaluation_does_not_disturb_training(tmp_path):
     egpo.main(QUICK + ["--steps", "3", "--eval-every", "1", "--out", str(tmp_path / "often")])
     egpo.main(QUICK + ["--steps", "3", "--out", str(tmp_path / "end")])
-    train_only = lambda rs: [{k: v for k, v in r.items() if k not in egpo.TIME_KEYS and not k.startswith("eval")}
-                             for r in rs]  # noqa: E731
     often, end = read_metrics(tmp_path / "often"), read_metrics(tmp_path / "end")
     assert ["eval_acc" in r for r in often] == [True, True, True]
-    assert json.dumps(train_only(often)) == json.dumps(train_only(end))
+    eval_keys = [k for k in often[-1] if k.startswith("eval")]
+    assert json.dumps(without(often, egpo.TIME_KEYS + tuple(eval_keys))) == \
+        json.dumps(without(end, egpo.TIME_KEYS + tuple(eval_keys)))
     assert often[-1]["eval_acc"] == end[-1]["eval_acc"]
 
 
 def test_grpo_flag_is_calibration_none(tmp_path):
     egpo.main(QUICK + ["--algo", "grpo", "--out", str(tmp_path / "g")])
     egpo.main(QUICK + ["--calibration", "none", "--out", str(tmp_path / "n")])
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in egpo.TIME_KEYS} for r in rs]  # noqa: E731
-    g = strip(read_metrics(tmp_path / "g"))
-    assert g == strip(read_metrics(tmp_path / "n"))
+    g = without(read_metrics(tmp_path / "g"), egpo.TIME_KEYS)
+    assert g == without(read_metrics(tmp_path / "n"), egpo.TIME_KEYS)
     assert all(r["weight_min"] == r["weight_max"] == 1.0 for r in g if r["groups_mixed"])
 
 
@@ -499,7 +505,7 @@ def test_real_model_path_runs_on_a_local_model_and_a_gsm8k_schema_parquet(tmp_pa
                "--gradient-checkpointing", "--out", str(tmp_path / "run")])
     records = read_metrics(tmp_path / "run")
     assert len(records) == 2 and set(SPEC_KEYS) <= set(records[0])
-    config = json.load(open(tmp_path / "run" / "config.json"))
+    config = read_json(tmp_path / "run" / "config.json")
     assert (config["lr"], config["micro_batch_size"], config["sft_steps"]) == (1e-6, 8, 0)  # real-model defaults
     assert (config["max_new_tokens"], config["eval_every"], config["save_every"]) == (8, 50, 50)
     assert "4 held-out" in capsys.readouterr().out
@@ -519,7 +525,7 @@ def test_ctrl_c_saves_the_checkpoint_and_the_metrics_so_far(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted at step" in err
     records = read_metrics(tmp_path)
-    summary = json.load(open(tmp_path / "summary.json"))
+    summary = read_json(tmp_path / "summary.json")
     assert summary["interrupted"] and summary["steps_done"] == len(records) >= 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").config.model_type == "qwen2"
 
