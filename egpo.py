@@ -611,6 +611,12 @@ def pad_right(rows: list[list[int]], value: int, device) -> torch.Tensor:
     return torch.tensor([row + [value] * (width - len(row)) for row in rows], device=device)
 
 
+def micro_batches(n: int, cfg: Config) -> list[slice]:
+    """Row slices of at most --micro-batch-size responses (one slice when it is unset)."""
+    size = cfg.micro_batch_size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
     """One EGPO step: sample G responses per prompt, verify, old log-probs, entropy proxy,
     advantages, then `mu` PPO-clip optimizer steps. Returns the step's metrics."""
@@ -621,8 +627,7 @@ def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, 
     t0 = time.perf_counter()
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     n, n_response = ids.shape[0], mask.shape[1]
-    micro = cfg.micro_batch_size or n
-    chunks = [slice(i, min(i + micro, n)) for i in range(0, n, micro)]
+    chunks = micro_batches(n, cfg)
 
     def logprobs_of(policy, s):
         return token_logprobs(policy, ids[s], attn[s], n_response, cfg.temperature)
@@ -677,8 +682,9 @@ def evaluate(model, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
             p, g = prompts[i:i + chunk], golds[i:i + chunk]
             greedy.append(rollout(model, tokenizer, p, g, 1, cfg, greedy=True)["rewards"])
             batch = rollout(model, tokenizer, p, g, 1, cfg)
-            mask = batch["response_mask"]
-            lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], mask.shape[1], cfg.temperature)
+            ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+            lp = torch.cat([token_logprobs(model, ids[s], attn[s], mask.shape[1], cfg.temperature)
+                            for s in micro_batches(len(ids), cfg)])
             sampled.append(batch["rewards"])
             entropy.append(sequence_entropy(lp, mask))
     finally:
