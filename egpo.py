@@ -678,7 +678,7 @@ def evaluate(model, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
     chunk = cfg.prompts_per_step * cfg.group_size
     greedy, sampled, entropy = [], [], []
     try:
-        for i in range(0, len(prompts), chunk):
+        for i in tqdm(range(0, len(prompts), chunk), desc="held-out eval", leave=False):
             p, g = prompts[i:i + chunk], golds[i:i + chunk]
             greedy.append(rollout(model, tokenizer, p, g, 1, cfg, greedy=True)["rewards"])
             batch = rollout(model, tokenizer, p, g, 1, cfg)
@@ -733,15 +733,15 @@ def train(cfg: Config) -> dict:
 
     test_golds = [r["answer"] for r in test_rows]
     summary = {"steps_done": 0}
-    if cfg.sft_steps:
-        sft_warmup(model, tokenizer, train_rows, train_prompts, cfg, rng)
-    if test_rows:
-        summary["before"] = evaluate(model, tokenizer, test_prompts, test_golds, cfg)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo)
-    try:
+    try:  # from here on, Ctrl-C (or a crash) still leaves the checkpoint, metrics and summary so far
         with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as log:
+            if cfg.sft_steps:
+                sft_warmup(model, tokenizer, train_rows, train_prompts, cfg, rng)
+            if test_rows:
+                summary["before"] = evaluate(model, tokenizer, test_prompts, test_golds, cfg)
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+            bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo)
             for step in bar:
                 picks = [rng.randrange(len(train_rows)) for _ in range(cfg.prompts_per_step)]
                 metrics = {"step": step, **rl_step(model, ref_model, optimizer, tokenizer,
@@ -758,9 +758,8 @@ def train(cfg: Config) -> dict:
                 if cfg.save_every and step % cfg.save_every == 0:
                     save_checkpoint(model, tokenizer, cfg.out)
     except KeyboardInterrupt:
-        bar.close()
         summary["interrupted"] = True
-        print(f"\ninterrupted at step {summary['steps_done']}: saving what exists", file=sys.stderr)
+        print(f"\ninterrupted after {summary['steps_done']} RL steps: saving what exists", file=sys.stderr)
     finally:
         save_checkpoint(model, tokenizer, cfg.out)
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
