@@ -77,7 +77,7 @@ class Config:
                                        "[auto: whole batch for tiny, 8 for real models]")
     gradient_checkpointing: bool = flag(False, "trade compute for memory in the update (real models)")
     # --- tiny model and toy task
-    sft_steps: int = flag(None, "supervised warm-up steps on worked solutions [auto: 200 for tiny+toy, else 0]")
+    sft_steps: int = flag(None, "supervised warm-up steps on worked solutions [auto: 100 x --toy-digits for tiny+toy, else 0]")
     sft_lr: float = flag(3e-3, "learning rate of the warm-up")
     sft_batch_size: int = flag(64, "batch size of the warm-up")
     toy_digits: int = flag(2, "operand digits of the toy addition task (3 = harder: many all-wrong groups)")
@@ -114,7 +114,7 @@ def resolve(cfg: Config) -> Config:
     if cfg.dataset is None:
         cfg.dataset = "toy" if tiny else "gsm8k"
     if cfg.sft_steps is None:
-        cfg.sft_steps = 200 if tiny and cfg.dataset == "toy" else 0
+        cfg.sft_steps = 100 * cfg.toy_digits if tiny and cfg.dataset == "toy" else 0
     if cfg.algo == "grpo" and cfg.calibration not in (None, "none"):
         raise UserError(f"--algo grpo means --calibration none; drop --calibration {cfg.calibration} "
                         "or use --algo egpo")
