@@ -480,6 +480,20 @@ def test_micro_batching_does_not_change_the_update(tmp_path, loss_agg):
     assert micro["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.parametrize("flags", [
+    ["--beta", "0.1"], ["--mu", "2"], ["--renorm"], ["--calibration", "symmetric"],
+    ["--loss-agg", "seq-mean-token-mean"], ["--toy-digits", "3", "--sft-steps", "20"],
+])
+def test_every_variant_runs_end_to_end(tmp_path, flags):
+    egpo.main(QUICK + ["--eval-size", "0"] + flags + ["--out", str(tmp_path)])
+    records = read_metrics(tmp_path)
+    assert len(records) == 2
+    numbers = [v for r in records for k, v in r.items() if not k.startswith(("weight", "entropy_", "auroc"))]
+    assert all(math.isfinite(v) for v in numbers)
+    if "--beta" in flags:  # after one update the policy has moved away from its frozen reference
+        assert records[0]["kl"] == 0.0 and records[1]["kl"] > 0.0
+
+
 def save_tiny(path, chat_template=None):
     model, tok = egpo.build_tiny_model(seed=0)
     tok.chat_template = chat_template
