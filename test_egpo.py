@@ -234,7 +234,8 @@ def test_micro_batches_weighted_by_their_share_reproduce_the_full_batch_loss():
 
 def test_eos_token_is_inside_the_loss_mask_and_padding_after_it_is_not():
     eos, pad = 1, 0
-    response = torch.tensor([[5, 6, eos, pad, pad], [5, eos, eos, eos, eos], [5, 6, 7, 8, 9], [eos, pad, pad, pad, pad]])
+    response = torch.tensor([[5, 6, eos, pad, pad], [5, eos, eos, eos, eos],
+                             [5, 6, 7, 8, 9], [eos, pad, pad, pad, pad]])
     assert egpo.eos_mask(response, [eos]).long().tolist() == [
         [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert egpo.eos_mask(torch.tensor([[5, 9, 3]]), [9, 3]).long().tolist() == [[1, 1, 0]]  # any EOS id
@@ -254,7 +255,8 @@ def test_quadrants_and_group_counts():
     entropy = t(0.5, 2.0, 0.5, 2.0, 1.0, 1.0, 1.0, 1.0)  # group 2: nobody is below its mean -> fragile
     adv = egpo.grpo_advantages(rewards, 4)
     m = egpo.calibration_metrics(rewards, entropy, adv, egpo.egpo_advantages(rewards, entropy, 4), 4)
-    assert (m["confident_correct"], m["fragile_correct"], m["overconfident_wrong"], m["exploratory_wrong"]) == (1, 5, 1, 1)
+    quadrants = ("confident_correct", "fragile_correct", "overconfident_wrong", "exploratory_wrong")
+    assert [m[k] for k in quadrants] == [1, 5, 1, 1]
     assert (m["groups_mixed"], m["groups_all_wrong"], m["groups_all_correct"]) == (1, 0, 1)
     assert (m["weight_min"], m["weight_max"], m["weight_mean"]) == pytest.approx((0.625, 2.0, 4.625 / 4))
     assert m["acc"] == m["reward_mean"] == 0.75
@@ -594,7 +596,8 @@ def test_dataset_errors(tmp_path, capsys):
     missing = str(tmp_path / "nope.jsonl")
     expect_user_error(["--dataset", missing, "--out", str(tmp_path)], capsys, "does not exist")
     (tmp_path / "data.txt").write_text("hello")
-    expect_user_error(["--dataset", str(tmp_path / "data.txt"), "--out", str(tmp_path)], capsys, ".jsonl/.json/.parquet/.csv")
+    expect_user_error(["--dataset", str(tmp_path / "data.txt"), "--out", str(tmp_path)], capsys,
+                      ".jsonl/.json/.parquet/.csv")
     wrong = write_parquet(tmp_path / "wrong.parquet", [{"problem": "1+1", "solution": "2"}] * 4)
     expect_user_error(["--dataset", str(wrong), "--out", str(tmp_path)], capsys, "needs 'question' and 'answer'")
     broken = tmp_path / "broken.jsonl"
