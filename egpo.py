@@ -666,6 +666,8 @@ def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, 
     time_update = time.perf_counter() - t0
 
     n_tokens = int(mask.sum())
+    if ids.is_cuda:
+        logs["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(ids.device) / 2 ** 30
     return {**calibration_metrics(batch["rewards"], entropy, adv, adv_hat, cfg.group_size), **logs,
             "completion_len": n_tokens / n, "time_sample": time_sample, "time_update": time_update,
             "tokens_per_s": n_tokens / time_sample}
