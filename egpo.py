@@ -5,7 +5,7 @@ Verifiable RL Reasoning", arXiv:2602.22751. EGPO is GRPO (outcome reward, group-
 advantages, PPO-clip update) in which each response's advantage is scaled by how confident
 the model was when it wrote it. The verifier and the 0/1 reward are unchanged.
 
-    python egpo.py                              # offline demo: tiny model, toy task, CPU, ~25 s
+    python egpo.py                              # offline demo: tiny model, toy task, CPU, ~30 s
     python egpo.py --algo grpo                  # the same run with plain GRPO
     python egpo.py --model Qwen2.5-0.5B         # a real model on GSM8K (CUDA, bf16 autocast)
     python egpo.py --help                       # every flag, with its default
