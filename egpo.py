@@ -710,7 +710,6 @@ def train(cfg: Config) -> dict:
     """The whole run: model, data, warm-up, RL with logging and checkpoints, summary."""
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model, tokenizer = load_policy(cfg, device)
