@@ -620,6 +620,14 @@ def micro_batches(n: int, cfg: Config) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+@torch.no_grad()
+def frozen_logprobs(model, input_ids, attention_mask, n_response: int, cfg: Config) -> torch.Tensor:
+    """token_logprobs without gradients, over the same micro-batches as the update: the old
+    policy's, the reference's, and the evaluation's log-probs."""
+    return torch.cat([token_logprobs(model, input_ids[s], attention_mask[s], n_response, cfg.temperature)
+                      for s in micro_batches(len(input_ids), cfg)])                        # (N, T)
+
+
 def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
     """One EGPO step: sample G responses per prompt, verify, old log-probs, entropy proxy,
     advantages, then `mu` PPO-clip optimizer steps. Returns the step's metrics."""
@@ -631,13 +639,9 @@ def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, 
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     n, n_response = ids.shape[0], mask.shape[1]
     chunks = micro_batches(n, cfg)
-
-    def logprobs_of(policy, s):
-        return token_logprobs(policy, ids[s], attn[s], n_response, cfg.temperature)
-
-    with torch.no_grad():  # old policy = the sampler; same function and chunks as the update: first ratio = 1
-        old = torch.cat([logprobs_of(model, s) for s in chunks])                         # (N, T)
-        ref = torch.cat([logprobs_of(ref_model, s) for s in chunks]) if ref_model is not None else None
+    # old policy = the sampler; same function and chunks as the update below: first ratio = 1
+    old = frozen_logprobs(model, ids, attn, n_response, cfg)                             # (N, T)
+    ref = frozen_logprobs(ref_model, ids, attn, n_response, cfg) if ref_model is not None else None
     entropy = sequence_entropy(old, mask)                                                # (N,)   Eq. E1
     adv = grpo_advantages(batch["rewards"], cfg.group_size)                              # (N,)   Eq. A1
     adv_hat = egpo_advantages(batch["rewards"], entropy, cfg.group_size, calibration=cfg.calibration,
@@ -652,7 +656,8 @@ def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, 
     for _ in range(cfg.mu):
         optimizer.zero_grad()
         for s in chunks:
-            loss, stats = policy_loss(logprobs_of(model, s), old[s], adv_hat[s], mask[s],
+            logprobs = token_logprobs(model, ids[s], attn[s], n_response, cfg.temperature)
+            loss, stats = policy_loss(logprobs, old[s], adv_hat[s], mask[s],
                                       clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
                                       ref_logprobs=None if ref is None else ref[s], beta=cfg.beta,
                                       loss_agg=cfg.loss_agg)
@@ -687,9 +692,8 @@ def evaluate(model, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
             p, g = prompts[i:i + chunk], golds[i:i + chunk]
             greedy.append(rollout(model, tokenizer, p, g, 1, cfg, greedy=True)["rewards"])
             batch = rollout(model, tokenizer, p, g, 1, cfg)
-            ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-            lp = torch.cat([token_logprobs(model, ids[s], attn[s], mask.shape[1], cfg.temperature)
-                            for s in micro_batches(len(ids), cfg)])
+            mask = batch["response_mask"]
+            lp = frozen_logprobs(model, batch["input_ids"], batch["attention_mask"], mask.shape[1], cfg)
             sampled.append(batch["rewards"])
             entropy.append(sequence_entropy(lp, mask))
     finally:
