@@ -426,7 +426,7 @@ def token_logprobs(model, input_ids, attention_mask, n_response: int, temperatur
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() does for left padding
     with autocast(input_ids.device):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       logits_to_keep=n_response + 1).logits[:, :-1]                      # (N, T, V)
+                       logits_to_keep=n_response + 1, use_cache=False).logits[:, :-1]                      # (N, T, V)
     logits = logits.float() / temperature
     targets = input_ids[:, -n_response:].unsqueeze(-1)                                   # (N, T, 1)
     return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)                 # (N, T)
@@ -602,7 +602,7 @@ def sft_warmup(model, tokenizer, rows: list, prompts: list, cfg: Config, rng: ra
         with autocast(device):
             loss = model(input_ids=pad_right(seqs, tokenizer.pad_token_id, device),
                          attention_mask=pad_right([[1] * len(x) for x in seqs], 0, device),
-                         labels=pad_right(labels, -100, device)).loss
+                         labels=pad_right(labels, -100, device), use_cache=False).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
