@@ -44,8 +44,8 @@ class Config:
     model: str = flag("tiny", "'tiny' (built locally), an alias such as Qwen2.5-0.5B, a hub id, or a local dir")
     dataset: str = flag(None, "toy | gsm8k | math500 | a local .jsonl/.json/.parquet/.csv with question, answer "
                               "columns [auto: toy for tiny, gsm8k for real models]")
-    device: str = flag("auto", "auto | cpu | cuda (cuda trains fp32 weights under bf16 autocast)",
-                       ["auto", "cpu", "cuda"])
+    device: str = flag("auto", "auto | cpu | cuda [auto: cpu for the tiny demo, cuda for real models "
+                               "when available]", ["auto", "cpu", "cuda"])
     seed: int = flag(0, "seed for model init, data, sampling")
     out: str = flag(None, "output dir for metrics.jsonl, config.json, summary.json, checkpoint/ "
                           "[auto: runs/<time>-<algo>-<model>]")
@@ -76,6 +76,8 @@ class Config:
     micro_batch_size: int = flag(None, "responses per forward/backward; gradients accumulate "
                                        "[auto: whole batch for tiny, 8 for real models]")
     gradient_checkpointing: bool = flag(False, "trade compute for memory in the update (real models)")
+    bf16: bool = flag(None, "on CUDA, bf16 autocast over fp32 weights (TRL: bf16=True); --no-bf16 = fp32 "
+                            "[auto: on for real models, off for tiny]")
     # --- tiny model and toy task
     sft_steps: int = flag(None, "supervised warm-up steps on worked solutions "
                                 "[auto: 100 x --toy-digits for tiny+toy, else 0]")
@@ -93,7 +95,7 @@ class Config:
 # Values of the "auto" (None) defaults: (tiny offline demo, real models).
 AUTO = {
     "steps": (100, 200), "max_new_tokens": (40, 512), "lr": (1e-4, 1e-6), "micro_batch_size": (None, 8),
-    "eval_every": (0, 50), "save_every": (0, 50),
+    "eval_every": (0, 50), "save_every": (0, 50), "bf16": (False, True),
 }
 ALIASES = {name: "Qwen/" + name for name in [
     "Qwen2.5-0.5B", "Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B", "Qwen2.5-1.5B-Instruct", "Qwen2.5-3B",
@@ -114,6 +116,8 @@ def resolve(cfg: Config) -> Config:
             setattr(cfg, name, tiny_value if tiny else real_value)
     if cfg.dataset is None:
         cfg.dataset = "toy" if tiny else "gsm8k"
+    if cfg.device == "auto":  # the tiny demo is as fast on a CPU, and its numbers in the README are CPU numbers
+        cfg.device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
     if cfg.sft_steps is None:
         cfg.sft_steps = 100 * cfg.toy_digits if tiny and cfg.dataset == "toy" else 0
     if cfg.algo == "grpo" and cfg.calibration not in (None, "none"):
@@ -367,15 +371,16 @@ def load_policy(cfg: Config, device: torch.device):
     eos_ids = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
     model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
                                                bos_token_id=model.generation_config.bos_token_id)
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # transformers < 5.24 names it gradient_checkpointing_enable
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return model.to(device), tokenizer
 
 
-def autocast(device: torch.device):
+def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA over fp32 weights (as TRL's bf16=True): a 1e-6 update is below
-    bf16's resolution, so the weights themselves stay fp32."""
-    if device.type == "cuda":
+    bf16's resolution, so the weights themselves stay fp32. Off for the tiny model: bf16 costs its
+    warm-up 16 points of accuracy (README, "CUDA")."""
+    if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -399,7 +404,7 @@ def rollout(model, tokenizer, prompts: list[list[int]], golds: list[str], n: int
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature,
                                                          top_p=cfg.top_p, top_k=0)
     model.eval()
-    with autocast(device):
+    with autocast(device, cfg.bf16):
         seqs = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, num_return_sequences=n,
                               **sampling)                                                       # (P*n, L)
     n_prompt = batch["input_ids"].shape[1]
@@ -420,11 +425,11 @@ def eos_mask(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     return (is_eos.cumsum(1) - is_eos) == 0
 
 
-def token_logprobs(model, input_ids, attention_mask, n_response: int, temperature: float):
+def token_logprobs(model, input_ids, attention_mask, n_response: int, temperature: float, bf16: bool = False):
     """log pi(o_t | q, o_<t) of the last `n_response` tokens, from raw logits / T (never from
     top-p-filtered scores): the same numbers for the old policy and the training forward."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() does for left padding
-    with autocast(input_ids.device):
+    with autocast(input_ids.device, bf16):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        logits_to_keep=n_response + 1, use_cache=False).logits[:, :-1]                      # (N, T, V)
     logits = logits.float() / temperature
@@ -599,7 +604,7 @@ def sft_warmup(model, tokenizer, rows: list, prompts: list, cfg: Config, rng: ra
             target = tokenizer(rows[i]["solution"])["input_ids"] + [tokenizer.eos_token_id]
             seqs.append(prompts[i] + target)
             labels.append([-100] * len(prompts[i]) + target)
-        with autocast(device):
+        with autocast(device, cfg.bf16):
             loss = model(input_ids=pad_right(seqs, tokenizer.pad_token_id, device),
                          attention_mask=pad_right([[1] * len(x) for x in seqs], 0, device),
                          labels=pad_right(labels, -100, device), use_cache=False).loss
@@ -624,7 +629,7 @@ def micro_batches(n: int, cfg: Config) -> list[slice]:
 def frozen_logprobs(model, input_ids, attention_mask, n_response: int, cfg: Config) -> torch.Tensor:
     """token_logprobs without gradients, over the same micro-batches as the update: the old
     policy's, the reference's, and the evaluation's log-probs."""
-    return torch.cat([token_logprobs(model, input_ids[s], attention_mask[s], n_response, cfg.temperature)
+    return torch.cat([token_logprobs(model, input_ids[s], attention_mask[s], n_response, cfg.temperature, cfg.bf16)
                       for s in micro_batches(len(input_ids), cfg)])                        # (N, T)
 
 
@@ -656,7 +661,7 @@ def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, 
     for _ in range(cfg.mu):
         optimizer.zero_grad()
         for s in chunks:
-            logprobs = token_logprobs(model, ids[s], attn[s], n_response, cfg.temperature)
+            logprobs = token_logprobs(model, ids[s], attn[s], n_response, cfg.temperature, cfg.bf16)
             loss, stats = policy_loss(logprobs, old[s], adv_hat[s], mask[s],
                                       clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
                                       ref_logprobs=None if ref is None else ref[s], beta=cfg.beta,
@@ -712,8 +717,7 @@ def save_checkpoint(model, tokenizer, out: str):
 
 def train(cfg: Config) -> dict:
     """The whole run: model, data, warm-up, RL with logging and checkpoints, summary."""
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model, tokenizer = load_policy(cfg, device)
@@ -795,8 +799,9 @@ def parse_args(argv=None) -> Config:
     parser = argparse.ArgumentParser(prog="egpo.py", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
         name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            parser.add_argument(name, action="store_true", help=help)
+        if f.type is bool:  # --flag; an auto (None) default also gets --no-flag
+            action = "store_true" if f.default is False else argparse.BooleanOptionalAction
+            parser.add_argument(name, action=action, default=f.default, help=help)
             continue
         help += "" if f.default is None else f" (default: {f.default})"
         parser.add_argument(name, type=f.type, default=f.default, choices=f.metadata["choices"], help=help)

@@ -563,8 +563,28 @@ def test_help_documents_every_flag_of_the_spec(capsys):
     text = capsys.readouterr().out
     for name in """model dataset algo calibration steps prompts-per-step group-size max-new-tokens temperature
     top-p lr beta clip-eps-low clip-eps-high loss-agg mu lambda-min lambda-max nsr-coef renorm sft-steps
-    toy-digits micro-batch-size gradient-checkpointing eval-every eval-size seed device out""".split():
+    toy-digits micro-batch-size gradient-checkpointing bf16 eval-every eval-size seed device out""".split():
         assert re.search(rf"--{name}\b(?!-)", text), name
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_auto_device_and_bf16(cuda, monkeypatch):
+    """The tiny demo runs on the CPU in fp32 (its README numbers are CPU numbers); a real model
+    goes to CUDA when there is one, with bf16 autocast unless --no-bf16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    tiny = egpo.resolve(egpo.parse_args([]))
+    assert (tiny.device, tiny.bf16) == ("cpu", False)
+    real = egpo.resolve(egpo.parse_args(["--model", "some/model"]))
+    assert (real.device, real.bf16) == ("cuda" if cuda else "cpu", True)
+    assert egpo.resolve(egpo.parse_args(["--model", "some/model", "--no-bf16"])).bf16 is False
+    assert egpo.resolve(egpo.parse_args(["--bf16"])).bf16 is True
+
+
+def test_bf16_changes_nothing_on_the_cpu():
+    model, tok = egpo.build_tiny_model(0)
+    ids = torch.tensor([tok("12+34=46")["input_ids"]])
+    fp32 = egpo.token_logprobs(model, ids, torch.ones_like(ids), 3, 1.0)
+    assert torch.equal(egpo.token_logprobs(model, ids, torch.ones_like(ids), 3, 1.0, bf16=True), fp32)
 
 
 # ---------------------------------------------------------------- errors: one line, exit code 2
