@@ -462,6 +462,46 @@ def test_same_seed_twice_gives_identical_metrics(tmp_path):
     assert json.dumps(without(read_metrics(tmp_path / "c"), egpo.TIME_KEYS)) != json.dumps(without(a, egpo.TIME_KEYS))
 
 
+def test_steps_0_is_a_warmed_up_checkpoint_and_its_evaluation(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    p = run_cli(*QUICK, "--steps", "0", "--out", str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = read_json(tmp_path / "summary.json")
+    assert summary["steps_done"] == 0 and "after" not in summary and 0 <= summary["before"]["eval_acc"] <= 1
+    assert read_metrics(tmp_path) == []
+    assert "before RL" in p.stdout and "after RL" not in p.stdout
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").config.model_type == "qwen2"
+
+
+def test_log_completions_agree_with_the_metrics_and_the_equations(tmp_path):
+    egpo.main(QUICK + ["--steps", "3", "--log-completions", "--out", str(tmp_path)])
+    metrics = read_metrics(tmp_path)
+    rows = [json.loads(line) for line in open(tmp_path / "completions.jsonl")]
+    assert len(rows) == 3 * 2 * 4 and [r["step"] for r in rows] == [1] * 8 + [2] * 8 + [3] * 8
+    for m in metrics:
+        step = [r for r in rows if r["step"] == m["step"]]
+        assert [r["group"] for r in step] == [0] * 4 + [1] * 4
+        assert len({r["prompt"] for r in step[:4]}) == 1 and step[0]["prompt"].endswith("=")
+        rewards = torch.tensor([r["reward"] for r in step])
+        entropy = torch.tensor([r["entropy"] for r in step])
+        assert rewards.mean().item() == pytest.approx(m["acc"])
+        assert entropy.mean().item() == pytest.approx(m["entropy_mean"], rel=1e-5)
+        for r in step:  # the verifier, again
+            assert r["reward"] == egpo.verify(r["completion"], str(sum(map(int, r["prompt"][:-1].split("+")))))
+        assert torch.allclose(torch.tensor([r["advantage"] for r in step]), egpo.grpo_advantages(rewards, 4))
+        assert torch.allclose(torch.tensor([r["egpo_advantage"] for r in step]),
+                              egpo.egpo_advantages(rewards, entropy, 4))
+
+
+def test_the_tiny_demo_does_not_depend_on_the_number_of_threads(tmp_path):
+    for threads in ("1", "2"):
+        p = run_cli(*QUICK, "--out", str(tmp_path / threads), env={"OMP_NUM_THREADS": threads}, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+    one, two = read_metrics(tmp_path / "1"), read_metrics(tmp_path / "2")
+    assert json.dumps(without(one, egpo.TIME_KEYS)) == json.dumps(without(two, egpo.TIME_KEYS))
+
+
 def test_evaluation_does_not_disturb_training(tmp_path):
     egpo.main(QUICK + ["--steps", "3", "--eval-every", "1", "--out", str(tmp_path / "often")])
     egpo.main(QUICK + ["--steps", "3", "--out", str(tmp_path / "end")])
@@ -601,7 +641,7 @@ def expect_user_error(argv, capsys, *words):
 @pytest.mark.parametrize("argv,words", [
     (["--group-size", "1"], ["--group-size must be >= 2"]),
     (["--prompts-per-step", "0"], ["--prompts-per-step must be >= 1"]),
-    (["--steps", "0"], ["--steps must be >= 1"]),
+    (["--steps", "-1"], ["--steps must be >= 0"]),
     (["--lambda-min", "1.5"], ["--lambda-min must be in (0, 1]"]),
     (["--lambda-max", "0.5"], ["--lambda-max must be >= 1"]),
     (["--algo", "grpo", "--calibration", "symmetric"], ["--algo grpo means --calibration none"]),
@@ -640,3 +680,4 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tmp_path, capsys):
     data.write_text("".join(json.dumps({"question": "1+" * 150 + "1", "answer": "151"}) + "\n" for _ in range(4)))
     expect_user_error(["--dataset", str(data), "--eval-size", "1", "--out", str(tmp_path)], capsys,
                       "exceeds the model's context of 256", "--max-new-tokens")
+
