@@ -681,3 +681,25 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tmp_path, capsys):
     expect_user_error(["--dataset", str(data), "--eval-size", "1", "--out", str(tmp_path)], capsys,
                       "exceeds the model's context of 256", "--max-new-tokens")
 
+
+# ---------------------------------------------------------------- the notebook
+def test_tiny_demo_notebook_runs_end_to_end(tmp_path, monkeypatch):
+    """Executes every cell of tiny_demo.ipynb (its 18 training runs included, ~5 minutes):
+    nbclient raises on the first cell that fails."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("EGPO_NOTEBOOK_OUT", str(tmp_path))  # the kernel inherits it: runs land here
+    nb = nbformat.read(HERE / "tiny_demo.ipynb", as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5
+    for algo in ("grpo", "egpo"):
+        for digits in (2, 3):
+            for seed in (0, 1, 2):
+                summary = read_json(tmp_path / f"{algo}-d{digits}-s{seed}" / "summary.json")
+                assert summary["steps_done"] == 100 and 0 <= summary["after"]["eval_acc"] <= 1
+    evidence = next(o["data"]["text/markdown"] for o in outputs
+                    if "all-wrong groups |" in o.get("data", {}).get("text/markdown", ""))
+    assert evidence.count("| 2 digits |") == 2 and evidence.count("| 3 digits |") == 2
