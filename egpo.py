@@ -382,7 +382,7 @@ def load_policy(cfg: Config, device: torch.device):
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA over fp32 weights (as TRL's bf16=True): a 1e-6 update is below
     bf16's resolution, so the weights themselves stay fp32. Off for the tiny model: bf16 costs its
-    warm-up 16 points of accuracy (README, "CUDA")."""
+    warm-up 16 points of accuracy (README, "On a GPU")."""
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -434,7 +434,7 @@ def token_logprobs(model, input_ids, attention_mask, n_response: int, temperatur
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() does for left padding
     with autocast(input_ids.device, bf16):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       logits_to_keep=n_response + 1, use_cache=False).logits[:, :-1]                      # (N, T, V)
+                       logits_to_keep=n_response + 1, use_cache=False).logits[:, :-1]    # (N, T, V)
     logits = logits.float() / temperature
     targets = input_ids[:, -n_response:].unsqueeze(-1)                                   # (N, T, 1)
     return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)                 # (N, T)
@@ -682,11 +682,12 @@ def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, 
     if ids.is_cuda:
         logs["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(ids.device) / 2 ** 30
     if cfg.log_completions:  # train() moves these to completions.jsonl
-        texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+        prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+        columns = zip(batch["texts"], *(x.tolist() for x in (batch["rewards"], entropy, adv, adv_hat)))
         logs["completions"] = [
-            {"group": i // cfg.group_size, "prompt": texts[i // cfg.group_size], "completion": batch["texts"][i],
+            {"group": i // cfg.group_size, "prompt": prompt_texts[i // cfg.group_size], "completion": text,
              "reward": r, "entropy": h, "advantage": a, "egpo_advantage": a_hat}
-            for i, (r, h, a, a_hat) in enumerate(zip(*(x.tolist() for x in (batch["rewards"], entropy, adv, adv_hat))))]
+            for i, (text, r, h, a, a_hat) in enumerate(columns)]
     return {**calibration_metrics(batch["rewards"], entropy, adv, adv_hat, cfg.group_size), **logs,
             "completion_len": n_tokens / n, "time_sample": time_sample, "time_update": time_update,
             "tokens_per_s": n_tokens / time_sample}
@@ -760,8 +761,8 @@ def train(cfg: Config) -> dict:
     test_golds = [r["answer"] for r in test_rows]
     summary = {"steps_done": 0}
     try:  # from here on, Ctrl-C (or a crash) still leaves the checkpoint, metrics and summary so far
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as log, \
-                open(os.path.join(cfg.out, "completions.jsonl") if cfg.log_completions else os.devnull, "w") as log_c:
+        completions = os.path.join(cfg.out, "completions.jsonl") if cfg.log_completions else os.devnull
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as log, open(completions, "w") as log_c:
             if cfg.sft_steps:
                 sft_warmup(model, tokenizer, train_rows, train_prompts, cfg, rng)
             if test_rows:
@@ -780,6 +781,7 @@ def train(cfg: Config) -> dict:
                     summary["after"] = {k: metrics[k] for k in summary["before"]}
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+                log_c.flush()
                 summary["steps_done"] = step
                 bar.set_postfix(acc=f"{metrics['acc']:.2f}", H=f"{metrics['entropy_mean']:.2f}",
                                 auroc=f"{metrics['auroc_confidence']:.2f}")
@@ -796,7 +798,8 @@ def train(cfg: Config) -> dict:
 
 
 def print_summary(summary: dict, cfg: Config):
-    columns = [(name, summary[key]) for name, key in [("before RL", "before"), ("after RL", "after")] if key in summary]
+    columns = [(name, summary[key]) for name, key in [("before RL", "before"), ("after RL", "after")]
+               if key in summary]
     if columns:
         print(f"\n{'held-out (' + str(summary['steps_done']) + ' RL steps)':34s}"
               + "".join(f" {name:>10s}" for name, _ in columns))
