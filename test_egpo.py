@@ -603,7 +603,8 @@ def test_help_documents_every_flag_of_the_spec(capsys):
     text = capsys.readouterr().out
     for name in """model dataset algo calibration steps prompts-per-step group-size max-new-tokens temperature
     top-p lr beta clip-eps-low clip-eps-high loss-agg mu lambda-min lambda-max nsr-coef renorm sft-steps
-    toy-digits micro-batch-size gradient-checkpointing bf16 eval-every eval-size log-completions seed device out""".split():
+    toy-digits micro-batch-size gradient-checkpointing bf16 eval-every eval-size log-completions seed device
+    out""".split():
         assert re.search(rf"--{name}\b(?!-)", text), name
 
 
