@@ -704,3 +704,19 @@ def test_tiny_demo_notebook_runs_end_to_end(tmp_path, monkeypatch):
     evidence = next(o["data"]["text/markdown"] for o in outputs
                     if "all-wrong groups |" in o.get("data", {}).get("text/markdown", ""))
     assert evidence.count("| 2 digits |") == 2 and evidence.count("| 3 digits |") == 2
+
+
+def test_readme_evidence_table_is_the_committed_notebook_output():
+    """The README copies the notebook's evidence table: re-executing one without updating the
+    other fails here."""
+    import nbformat
+
+    nb = nbformat.read(HERE / "tiny_demo.ipynb", as_version=4)
+    tables = [o["data"]["text/markdown"] for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
+              if "all-wrong groups |" in o.get("data", {}).get("text/markdown", "")]
+    assert len(tables) == 1
+    rows = [line for line in tables[0].splitlines() if line.startswith("| 2 digits") or line.startswith("| 3 digits")]
+    assert len(rows) == 4
+    readme = (HERE / "README.md").read_text()
+    for row in rows:
+        assert row in readme, row
