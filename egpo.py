@@ -752,8 +752,7 @@ def train(cfg: Config) -> dict:
                                       + os.path.basename(cfg.model.rstrip("/")))
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(cfg), "device_used": str(device), "torch": torch.__version__,
-                   "command": " ".join(sys.argv)}, f, indent=2)
+        json.dump({**dataclasses.asdict(cfg), "torch": torch.__version__, "command": " ".join(sys.argv)}, f, indent=2)
     print(f"egpo: {cfg.algo} (calibration {cfg.calibration}) on {cfg.model} / {cfg.dataset}, {device}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(train_rows)} train / {len(test_rows)} held-out problems -> {cfg.out}")
