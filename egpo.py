@@ -381,8 +381,8 @@ def load_policy(cfg: Config, device: torch.device):
 
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA over fp32 weights (as TRL's bf16=True): a 1e-6 update is below
-    bf16's resolution, so the weights themselves stay fp32. Off for the tiny model: bf16 costs its
-    warm-up 16 points of accuracy (README, "On a GPU")."""
+    bf16's resolution, so the weights themselves stay fp32. --bf16 is off by default for the tiny
+    model: bf16 costs its warm-up 16 points of accuracy (README, "On a GPU")."""
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
