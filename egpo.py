@@ -51,25 +51,38 @@ class Config:
                           "[auto: runs/<time>-<algo>-<model>]")
     steps: int = flag(None, "RL steps; 0 = only the warm-up and its evaluation, e.g. to train several "
                             "methods from one warmed-up checkpoint [auto: 100 for tiny, 200 for real models]")
-    # --- the algorithm
-    algo: str = flag("egpo", "egpo, or grpo (= --calibration none)", ["egpo", "grpo"])
-    calibration: str = flag(None, "asymmetric | symmetric | none [auto: asymmetric for egpo, none for grpo]",
-                            ["asymmetric", "symmetric", "none"])
-    lambda_min: float = flag(0.5, "lower clamp of the confidence weight (in (0, 1])")
-    lambda_max: float = flag(2.0, "upper clamp of the confidence weight (>= 1)")
-    nsr_coef: float = flag(0.1, "c_nsr: size of the negative-sample reinforcement in all-wrong groups (Eq. N1)")
-    renorm: bool = flag(False, "rescale a mixed group's calibrated advantages to GRPO's mean |A| (Eq. R1)")
+    # --- the algorithm (paper Section 3; Table 1's baselines are --algo values, Table 2's ablations flags)
+    algo: str = flag("egpo", "egpo | grpo | dapo (clip-higher, token-mean, dynamic sampling) | edge-grpo "
+                             "(full-distribution entropy, symmetric clamp 0.5-2.0, no NSR)",
+                     ["egpo", "grpo", "dapo", "edge-grpo"])
+    calibration: str = flag("asymmetric", "Eq. 8's clamp: asymmetric (EGPO) | symmetric (C1) | neg-only (C2) | "
+                                          "pos-only (C3); egpo only",
+                            ["asymmetric", "symmetric", "neg-only", "pos-only"])
+    lambda_min: float = flag(0.8, "Eq. 8: lower clamp of the confidence weight, in (0, 1]; egpo only")
+    lambda_max: float = flag(2.0, "Eq. 8: upper clamp of the confidence weight, >= 1; egpo only")
+    nsr: str = flag("entropy", "all-wrong groups (Eqs. 10, 13): entropy (A~ = -w) | flat (C4: A~ = -1) | "
+                               "off (0, as GRPO); egpo only", ["entropy", "flat", "off"])
+    renorm: str = flag("none", "Eq. 9, w / mean(w) over the group: none | after-clamp (C5) | before-clamp (C6); "
+                               "egpo only", ["none", "after-clamp", "before-clamp"])
+    entropy_span: str = flag("response", "tokens of the entropy proxy (Eq. 5): response | answer (after the "
+                                         "last </think>, else the whole response; paper RQ4)",
+                             ["response", "answer"])
+    max_resample: int = flag(10, "dapo: at most this many sampling rounds per step to fill the batch with "
+                                 "mixed groups (verl: max_num_gen_batches)")
     # --- sampling
     prompts_per_step: int = flag(8, "B: prompts per RL step")
     group_size: int = flag(8, "G: responses per prompt (TRL: num_generations)")
     max_new_tokens: int = flag(None, "longest response [auto: 40 for tiny, 512 for real models]")
     temperature: float = flag(1.0, "sampling temperature T (log-probs use logits / T too)")
     top_p: float = flag(1.0, "nucleus sampling mass (1.0 = off)")
+    thinking: bool = flag(False, "Qwen3 chat template: let the model think (<think>...</think>) before "
+                                 "answering; off = the template's non-thinking mode")
     # --- update
     lr: float = flag(None, "AdamW learning rate [auto: 1e-4 for tiny, 1e-6 for real models]")
     beta: float = flag(0.0, "weight of the k3 KL to a frozen copy of the initial policy (0 = no reference model)")
     clip_eps_low: float = flag(0.2, "PPO clip: ratio >= 1 - clip_eps_low (TRL: epsilon)")
-    clip_eps_high: float = flag(0.2, "PPO clip: ratio <= 1 + clip_eps_high (TRL: epsilon_high)")
+    clip_eps_high: float = flag(None, "PPO clip: ratio <= 1 + clip_eps_high (TRL: epsilon_high) "
+                                      "[auto: 0.28 for dapo (clip-higher), else 0.2]")
     loss_agg: str = flag("token-mean", "token-mean (TRL dapo/bnpo) | seq-mean-token-mean (TRL grpo)",
                          ["token-mean", "seq-mean-token-mean"])
     mu: int = flag(1, "optimizer steps on each sampled batch (PPO epochs)")
@@ -123,11 +136,14 @@ def resolve(cfg: Config) -> Config:
         cfg.device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
     if cfg.sft_steps is None:
         cfg.sft_steps = 100 * cfg.toy_digits if tiny and cfg.dataset == "toy" else 0
-    if cfg.algo == "grpo" and cfg.calibration not in (None, "none"):
-        raise UserError(f"--algo grpo means --calibration none; drop --calibration {cfg.calibration} "
-                        "or use --algo egpo")
-    if cfg.calibration is None:
-        cfg.calibration = "none" if cfg.algo == "grpo" else "asymmetric"
+    if cfg.clip_eps_high is None:
+        cfg.clip_eps_high = 0.28 if cfg.algo == "dapo" else 0.2
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    egpo_only = [f"--{k.replace('_', '-')}" for k in ("calibration", "lambda_min", "lambda_max", "nsr", "renorm")
+                 if getattr(cfg, k) != defaults[k]]
+    if cfg.algo != "egpo" and egpo_only:
+        raise UserError(f"{', '.join(egpo_only)} calibrate EGPO and do nothing under --algo {cfg.algo}: "
+                        "drop them or use --algo egpo")
     checks = [
         (cfg.group_size >= 2, f"--group-size must be >= 2 (got {cfg.group_size}): a group of one has no "
                               "baseline to compare against"),
@@ -140,7 +156,10 @@ def resolve(cfg: Config) -> Config:
         (cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})"),
         (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1] (got {cfg.top_p})"),
         (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})"),
+        (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
+        (cfg.beta >= 0, f"--beta must be >= 0 (got {cfg.beta}): it weighs a KL penalty"),
         (cfg.mu >= 1, f"--mu must be >= 1 (got {cfg.mu})"),
+        (cfg.max_resample >= 1, f"--max-resample must be >= 1 (got {cfg.max_resample})"),
         (cfg.micro_batch_size is None or cfg.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
         (cfg.eval_size >= 0 and cfg.eval_every >= 0, "--eval-size and --eval-every must be >= 0"),
         (cfg.sft_steps >= 0 and cfg.save_every >= 0, "--sft-steps and --save-every must be >= 0"),
@@ -312,17 +331,34 @@ def _gsm8k_row(r: dict) -> dict:
     return {"question": str(r["question"]), "answer": answer}
 
 
-def build_prompt(tokenizer, question: str, dataset: str) -> list[int]:
-    """Chat template when the tokenizer has one; the toy task's own format ('47+38=') for
-    a model without one; else a plain prompt asking for \\boxed{}."""
+def build_prompt(tokenizer, question: str, dataset: str, thinking: bool = False) -> list[int]:
+    """Chat template when the tokenizer has one (`thinking` is Qwen3's enable_thinking; other
+    templates ignore it); the toy task's own format ('47+38=') for a model without one; else a
+    plain prompt asking for \\boxed{}."""
     instruction = "Please reason step by step, and put your final answer within \\boxed{}."
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": f"{question}\n{instruction}"}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=thinking)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     if dataset == "toy":
         return tokenizer(question)["input_ids"]
     return tokenizer(f"Question: {question}\n{instruction}\nAnswer:")["input_ids"]
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token that closes an assistant turn in the chat template (Qwen's <|im_end|>,
+    Llama 3's <|eot_id|>), read off a rendered turn. Base models often have another eos
+    (Qwen2.5: <|endoftext|>); without this stop token they write on into invented turns."""
+    marker = "EGPO-END-OF-ANSWER"
+    turn = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+    except Exception:  # a template that cannot render a finished turn: no extra stop token
+        return None
+    after = tokenizer(text.split(marker)[-1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return after[0] if after and after[0] in special else None
 
 
 # ====================================================================================
@@ -350,7 +386,8 @@ def build_tiny_model(seed: int):
 
 def load_policy(cfg: Config, device: torch.device):
     """(model, tokenizer) on `device`, weights in fp32, left padding, and a generation config
-    that holds only token ids, so sampling is exactly temperature + top-p."""
+    that holds only token ids (eos, and the chat template's end of turn), so sampling is exactly
+    temperature + top-p and stops where the model's answer ends."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if cfg.model == "tiny":
@@ -371,7 +408,8 @@ def load_policy(cfg: Config, device: torch.device):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     eos = model.generation_config.eos_token_id
-    eos_ids = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+    end_of_turn = end_of_turn_id(tokenizer) if tokenizer.chat_template else None
+    eos_ids = sorted({tokenizer.eos_token_id, end_of_turn, *(eos if isinstance(eos, list) else [eos])} - {None})
     model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
                                                bos_token_id=model.generation_config.bos_token_id)
     if cfg.gradient_checkpointing:  # transformers < 5.24 names it gradient_checkpointing_enable
@@ -401,7 +439,8 @@ def rollout(model, tokenizer, prompts: list[list[int]], golds: list[str], n: int
             greedy: bool = False) -> dict:
     """Generate `n` responses per prompt and verify them. Rows k*n .. k*n+n-1 belong to
     prompt k. Returns input_ids (prompt + response), attention_mask, response_mask
-    (response tokens up to and including EOS), rewards, texts."""
+    (response tokens up to and including the stop token), entropy_mask (Eq. 5's span S_i),
+    truncated (no stop token within --max-new-tokens), rewards, texts, prompts (text)."""
     device = next(model.parameters()).device
     batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(device)
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature,
@@ -412,103 +451,163 @@ def rollout(model, tokenizer, prompts: list[list[int]], golds: list[str], n: int
                               **sampling)                                                       # (P*n, L)
     n_prompt = batch["input_ids"].shape[1]
     response = seqs[:, n_prompt:]                                                               # (P*n, T)
-    response_mask = eos_mask(response, model.generation_config.eos_token_id)             # (P*n, T)
+    stop_ids = model.generation_config.eos_token_id
+    response_mask = eos_mask(response, stop_ids)                                                # (P*n, T)
+    entropy_mask = response_mask
+    if cfg.entropy_span == "answer":
+        think_end = tokenizer("</think>", add_special_tokens=False)["input_ids"]
+        entropy_mask = answer_mask(response, response_mask, think_end)
     texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(response, response_mask)]
     golds = [g for g in golds for _ in range(n)]
     rewards = torch.tensor([verify(t, g) for t, g in zip(texts, golds)], device=device)
     attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(n, 0), torch.ones_like(response)], 1)
+    truncated = ~torch.isin(response, torch.tensor(stop_ids, device=device)).any(1)          # (P*n,)
     return {"input_ids": seqs, "attention_mask": attention_mask, "response_mask": response_mask,
-            "rewards": rewards, "texts": texts}
+            "entropy_mask": entropy_mask, "truncated": truncated,
+            "rewards": rewards, "texts": texts,
+            "prompts": [p for p in tokenizer.batch_decode(prompts, skip_special_tokens=True) for _ in range(n)]}
 
 
 def eos_mask(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """True for every response token up to and including the first EOS (the EOS is trained
-    on: it is the model's decision to stop); False for the padding generate() adds after it."""
+    on: it is the model's decision to stop); False for the padding generate() adds after it.
+    A truncated response (no EOS) is kept whole."""
     is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device)).long()
     return (is_eos.cumsum(1) - is_eos) == 0
 
 
-def token_logprobs(model, input_ids, attention_mask, n_response: int, temperature: float, bf16: bool = False):
+def cat_rollouts(parts: list[dict], keep: list[torch.Tensor], pad_id: int) -> dict:
+    """The rows keep[k] (a bool per row) of each rollout parts[k], stacked into one: prompts stay
+    left-padded and responses right-padded to the widest. DAPO's dynamic sampling uses it."""
+    n_resp = [part["response_mask"].shape[1] for part in parts]
+    n_prompt = [part["input_ids"].shape[1] - t for part, t in zip(parts, n_resp)]
+    P, T = max(n_prompt), max(n_resp)
+
+    def stack(key, value):
+        rows = []
+        for part, k, p, t in zip(parts, keep, n_prompt, n_resp):
+            x = part[key][k]
+            left = P - p if x.shape[1] > t else 0  # input_ids and attention_mask hold the prompt too
+            rows.append(torch.nn.functional.pad(x.long(), (left, T - t), value=value).to(x.dtype))
+        return torch.cat(rows)
+
+    out = {key: stack(key, value) for key, value in
+           [("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0), ("entropy_mask", 0)]}
+    for key in ("rewards", "truncated"):
+        out[key] = torch.cat([part[key][k] for part, k in zip(parts, keep)])
+    for key in ("texts", "prompts"):
+        out[key] = [x for part, k in zip(parts, keep) for x, kept in zip(part[key], k.tolist()) if kept]
+    return out
+
+
+def token_logprobs(model, input_ids, attention_mask, n_response: int, temperature: float, bf16: bool = False,
+                   with_entropy: bool = False):
     """log pi(o_t | q, o_<t) of the last `n_response` tokens, from raw logits / T (never from
-    top-p-filtered scores): the same numbers for the old policy and the training forward."""
+    top-p-filtered scores): the same numbers for the old policy and the training forward.
+    with_entropy: also each position's full-distribution entropy -sum_v p_v log p_v (EDGE-GRPO)."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() does for left padding
     with autocast(input_ids.device, bf16):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        logits_to_keep=n_response + 1, use_cache=False).logits[:, :-1]    # (N, T, V)
     logits = logits.float() / temperature
     targets = input_ids[:, -n_response:].unsqueeze(-1)                                   # (N, T, 1)
-    return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)                 # (N, T)
+    logprobs = logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)             # (N, T)
+    if not with_entropy:
+        return logprobs
+    log_p = logits.log_softmax(-1)
+    return logprobs, -(log_p.exp() * log_p).sum(-1)                                      # (N, T), (N, T)
 
 
 # ====================================================================================
-# 5. Entropy proxy (Eq. E1) -- ALGO LOGIC
+# 5. Entropy proxy (paper Eq. 5) -- ALGO LOGIC
 # ====================================================================================
 def sequence_entropy(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Eq. E1: H_i = -(1/|o_i|) sum_t log pi(o_t | ...), the mean negative log-likelihood of
-    the sampled path, a Monte-Carlo estimate of the policy's per-token entropy along it.
-    Zero overhead: it reuses the old log-probs the PPO ratio needs anyway. Detached;
-    padding masked out; an empty response gets H = 0."""
+    """Eq. 5: H_i = -(1/|S_i|) sum_{t in S_i} log pi_old(o_t | q, o_<t), the mean negative
+    log-likelihood of the sampled path, a Monte-Carlo estimate of the policy's per-token entropy
+    along it. Zero overhead: it reuses the old log-probs the PPO ratio needs anyway. `mask`
+    marks S_i (the response, or its answer span). Detached; NaN for a response with no token
+    in S_i (it then takes no part in its group's calibration)."""
     mask = mask.to(logprobs.dtype)
-    return -(logprobs.detach() * mask).sum(-1) / mask.sum(-1).clamp(min=1)                # (N,)
+    n = mask.sum(-1)                                                                     # (N,)
+    h = -(logprobs.detach() * mask).sum(-1) / n.clamp(min=1)
+    return torch.where(n > 0, h, float("nan"))                                           # (N,)
+
+
+def answer_mask(response: torch.Tensor, mask: torch.Tensor, marker: list[int]) -> torch.Tensor:
+    """--entropy-span answer (paper RQ4, "Answer Entropy"): the response tokens after the last
+    `marker` (the token ids of '</think>'); the whole response where there is none."""
+    k = len(marker)
+    if k == 0 or response.shape[1] < k:
+        return mask
+    windows = response.unfold(1, k, 1)                                                   # (N, T-k+1, k)
+    hits = (windows == torch.tensor(marker, device=response.device)).all(-1) & mask[:, k - 1:]
+    position = torch.arange(hits.shape[1], device=response.device)
+    last = torch.where(hits, position, -1).amax(1, keepdim=True)                         # (N, 1), -1: none
+    after = torch.arange(response.shape[1], device=response.device) >= last + k          # (N, T)
+    return mask & torch.where(last >= 0, after, True)
 
 
 # ====================================================================================
-# 6. Advantages: GRPO (Eq. A1) and the EGPO calibration (Eqs. C1, C2, N1, R1) -- ALGO LOGIC
+# 6. Advantages: GRPO (paper Eq. 2) and the EGPO calibration (Eqs. 7-11, 13) -- ALGO LOGIC
 # ====================================================================================
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """Eq. A1: A_i = (r_i - mean_j r_j) / (std_j r_j + eps), unbiased std over each group of
+    """Eq. 2: A_i = (r_i - mean_j r_j) / (std_j r_j + eps), unbiased std over each group of
     `group_size` consecutive rows (as TRL and verl). Uniform groups give A = 0."""
     r = rewards.float().view(-1, group_size)                                             # (B, G)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
-def confidence_ratio(entropy: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """Eq. C1: rho_i = Hbar / (H_i + eps), Hbar the group's mean entropy proxy.
-    rho_i > 1: more confident than the group."""
+def confidence_ratio(entropy: torch.Tensor, group_size: int, eps_h: float = 1e-5) -> torch.Tensor:
+    """Eq. 7: w^_i = Hbar / (H_i + eps_H), Hbar the mean entropy proxy of the group's valid
+    responses. w^_i > 1: more confident than the group. A response without entropy (NaN)
+    is left out of Hbar and gets w^ = 1 (as in the authors' code)."""
     h = entropy.float().view(-1, group_size)                                             # (B, G)
-    return (h.mean(1, keepdim=True) / (h + eps)).view(-1)
+    w = h.nanmean(1, keepdim=True) / (h + eps_h)
+    return torch.where(h.isnan(), 1.0, w).view(-1)
 
 
 def egpo_advantages(rewards: torch.Tensor, entropy: torch.Tensor, group_size: int, *,
-                    calibration: str = "asymmetric", lambda_min: float = 0.5, lambda_max: float = 2.0,
-                    nsr_coef: float = 0.1, renorm: bool = False, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO advantages calibrated by confidence. Per group of `group_size` rows:
+                    calibration: str = "asymmetric", lambda_min: float = 0.8, lambda_max: float = 2.0,
+                    nsr: str = "entropy", renorm: str = "none", eps: float = 1e-6,
+                    eps_h: float = 1e-5) -> torch.Tensor:
+    """EGPO's calibrated advantages A~ (paper Section 3, Algorithm 1), per group of
+    `group_size` consecutive rows:
 
-    - mixed group, asymmetric (Eq. C2): w = clip(rho, 1, lambda_max) for correct answers
-      (A > 0: never weakened, confident ones reinforced up to lambda_max x) and
-      w = clip(rho, lambda_min, 1) for failures (A < 0: exploratory failures softened, so the
-      penalty concentrates on overconfident ones); A_hat = w * A keeps every sign.
-      symmetric: w = clip(rho, lambda_min, lambda_max) for all.
-    - all wrong (Eq. N1): A_hat = -nsr_coef * clip(rho, lambda_min, lambda_max), a signal
-      where GRPO has none, strongest on the most confident failures.
-    - all correct: A_hat = 0.
-    - renorm (Eq. R1): rescale a mixed group so that mean|A_hat| = mean|A|.
-    calibration="none" returns GRPO's A exactly (no NSR). `eps` is used for A1's std and
-    for C1's entropy alike.
+    - Eq. 7: w^ = Hbar / (H + eps_h)                                   (confidence_ratio)
+    - Eq. 8: c = clip(w^, lambda_min, lambda_max); w = max(1, c) if correct, min(1, c) if wrong:
+      a correct answer is never down-weighted, a failure never penalised more than by GRPO.
+      Ablations of Table 2: symmetric (C1) w = c; neg-only (C2) correct w = c;
+      pos-only (C3) wrong w = c.
+    - Eq. 9 (optional): w <- w / mean_group(w), after the clamp (C5) or on w^ before it (C6).
+    - Eq. 10: base advantage A = 0 in an all-correct group, GRPO's Eq. 2 in a mixed one, -1 in
+      an all-wrong one (negative-sample reinforcement, NSR, Eq. 13; nsr="off": 0 as in GRPO).
+    - Eq. 11: A~ = w * A. In an all-wrong group A~ = -w, in [-1, -lambda_min]: confident
+      failures are pushed down fully, uncertain ones more gently (nsr="flat", C4: w = 1).
 
     Worked example, G = 4, rewards (1, 1, 0, 0), entropies (0.5, 2, 0.5, 2): Hbar = 1.25,
-    rho = (2.5, 0.625, 2.5, 0.625), A = (0.866, 0.866, -0.866, -0.866);
-    w = (2, 1, 1, 0.625), A_hat = (1.732, 0.866, -0.866, -0.541).
+    w^ = (2.5, 0.625, 2.5, 0.625), A = (0.866, 0.866, -0.866, -0.866), w = (2, 1, 1, 0.8),
+    A~ = (1.732, 0.866, -0.866, -0.693). All wrong, entropies (0.2, 0.5, 1.0, 2.3):
+    w^ = (5, 2, 1, 0.43), A~ = (-1, -1, -1, -0.8).
     """
-    adv = grpo_advantages(rewards, group_size, eps)
-    if calibration == "none":
-        return adv
-    if calibration not in ("asymmetric", "symmetric"):
-        raise ValueError(f"calibration must be asymmetric, symmetric or none, not {calibration!r}")
-    rho = confidence_ratio(entropy, group_size, eps).view(-1, group_size)                 # (B, G)
-    a, r = adv.view(-1, group_size), rewards.float().view(-1, group_size)
-    if calibration == "asymmetric":
-        w = torch.where(a > 0, rho.clamp(1.0, lambda_max), rho.clamp(lambda_min, 1.0))
-    else:
-        w = rho.clamp(lambda_min, lambda_max)
-    a_hat = w * a
-    mixed = r.std(1, keepdim=True) > 0                                                   # (B, 1)
-    if renorm:
-        scale = a.abs().mean(1, keepdim=True) / a_hat.abs().mean(1, keepdim=True).clamp(min=eps)
-        a_hat = torch.where(mixed, a_hat * scale, a_hat)
-    all_wrong = ~mixed & (r.amax(1, keepdim=True) <= 0)
-    a_hat = torch.where(all_wrong, -nsr_coef * rho.clamp(lambda_min, lambda_max), a_hat)
-    return a_hat.view(-1)
+    if calibration not in ("asymmetric", "symmetric", "neg-only", "pos-only") or \
+            nsr not in ("entropy", "flat", "off") or renorm not in ("none", "after-clamp", "before-clamp"):
+        raise ValueError(f"unknown calibration={calibration!r}, nsr={nsr!r} or renorm={renorm!r}")
+    r = rewards.float().view(-1, group_size)                                             # (B, G)
+    w_hat = confidence_ratio(entropy, group_size, eps_h).view(-1, group_size)            # Eq. 7
+    if renorm == "before-clamp":                                                         # Eq. 9 (C6)
+        w_hat = w_hat / w_hat.mean(1, keepdim=True)
+    c = w_hat.clamp(lambda_min, lambda_max)                                              # Eq. 8
+    up, down, correct = c.clamp(min=1.0), c.clamp(max=1.0), r > 0
+    w = {"asymmetric": torch.where(correct, up, down), "symmetric": c,
+         "neg-only": torch.where(correct, c, down), "pos-only": torch.where(correct, up, c)}[calibration]
+    if renorm == "after-clamp":                                                          # Eq. 9 (C5)
+        w = w / w.mean(1, keepdim=True)
+    all_wrong = r.amax(1, keepdim=True) <= 0                                             # (B, 1)
+    if nsr == "flat":                                                                    # C4
+        w = torch.where(all_wrong, 1.0, w)
+    nsr_base = -1.0 if nsr in ("entropy", "flat") else 0.0                               # Eq. 13
+    base = torch.where(all_wrong, nsr_base, grpo_advantages(rewards, group_size, eps).view(-1, group_size))
+    return (w * base).view(-1)                                                           # Eqs. 10, 11
 
 
 # ====================================================================================
@@ -562,32 +661,36 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def calibration_metrics(rewards, entropy, adv, adv_hat, group_size: int) -> dict:
-    """Accuracy, entropy proxy by correctness, weights w = A_hat / A in mixed groups, group
-    kinds, the four metacognitive quadrants (confident = H below its group's mean), AUROC."""
+    """Accuracy, entropy proxy by correctness, weights w = A~ / A in mixed groups, NSR's mean A~
+    in all-wrong groups, group kinds, the four metacognitive quadrants (confident = H below its
+    group's mean), AUROC. Responses without entropy (NaN) are left out of the entropy numbers."""
     r, h = rewards.float().view(-1, group_size), entropy.float().view(-1, group_size)
     nan = float("nan")
-    mixed = r.std(1) > 0
-    confident = (h < h.mean(1, keepdim=True)).view(-1)
+    mixed, all_wrong = r.std(1) > 0, r.amax(1) <= 0
+    confident = (h < h.nanmean(1, keepdim=True)).view(-1)
     correct = rewards.view(-1) > 0
     in_mixed = mixed.repeat_interleave(group_size) & (adv != 0)
     w = adv_hat[in_mixed] / adv[in_mixed]
+    nsr = adv_hat[all_wrong.repeat_interleave(group_size)]
+    valid = ~entropy.isnan()
     return {
         "reward_mean": rewards.float().mean().item(),
         "acc": correct.float().mean().item(),
-        "entropy_mean": entropy.mean().item(),
-        "entropy_correct": entropy[correct].mean().item() if correct.any() else nan,
-        "entropy_incorrect": entropy[~correct].mean().item() if (~correct).any() else nan,
+        "entropy_mean": entropy.nanmean().item(),
+        "entropy_correct": entropy[correct].nanmean().item() if correct.any() else nan,
+        "entropy_incorrect": entropy[~correct].nanmean().item() if (~correct).any() else nan,
         "weight_mean": w.mean().item() if len(w) else nan,
         "weight_min": w.min().item() if len(w) else nan,
         "weight_max": w.max().item() if len(w) else nan,
+        "nsr_adv_mean": nsr.mean().item() if len(nsr) else nan,
         "groups_all_correct": int((r.amin(1) > 0).sum()),
-        "groups_all_wrong": int((r.amax(1) <= 0).sum()),
+        "groups_all_wrong": int(all_wrong.sum()),
         "groups_mixed": int(mixed.sum()),
         "confident_correct": int((confident & correct).sum()),
-        "fragile_correct": int((~confident & correct).sum()),
+        "fragile_correct": int((~confident & correct & valid).sum()),
         "overconfident_wrong": int((confident & ~correct).sum()),
-        "exploratory_wrong": int((~confident & ~correct).sum()),
-        "auroc_confidence": auroc(-entropy, rewards),
+        "exploratory_wrong": int((~confident & ~correct & valid).sum()),
+        "auroc_confidence": auroc(-entropy[valid], rewards[valid]),
     }
 
 
@@ -629,32 +732,66 @@ def micro_batches(n: int, cfg: Config) -> list[slice]:
 
 
 @torch.no_grad()
-def frozen_logprobs(model, input_ids, attention_mask, n_response: int, cfg: Config) -> torch.Tensor:
+def frozen_logprobs(model, input_ids, attention_mask, n_response: int, cfg: Config, with_entropy: bool = False):
     """token_logprobs without gradients, over the same micro-batches as the update: the old
-    policy's, the reference's, and the evaluation's log-probs."""
-    return torch.cat([token_logprobs(model, input_ids[s], attention_mask[s], n_response, cfg.temperature, cfg.bf16)
-                      for s in micro_batches(len(input_ids), cfg)])                        # (N, T)
+    policy's (and EDGE-GRPO's token entropies), the reference's, and the evaluation's."""
+    parts = [token_logprobs(model, input_ids[s], attention_mask[s], n_response, cfg.temperature, cfg.bf16,
+                            with_entropy) for s in micro_batches(len(input_ids), cfg)]
+    return tuple(map(torch.cat, zip(*parts))) if with_entropy else torch.cat(parts)      # (N, T)
 
 
-def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
-    """One EGPO step: sample G responses per prompt, verify, old log-probs, entropy proxy,
+def sample_batch(model, tokenizer, draw, cfg: Config) -> dict:
+    """Roll out G responses for each of the B prompts that draw() returns (Algorithm 1, lines
+    3-4). --algo dapo adds DAPO's dynamic sampling: groups whose rewards are all equal carry no
+    GRPO signal and are dropped, and more prompts are drawn until B mixed groups are in hand
+    (at most --max-resample rounds; if none is mixed by then, the last round is kept as it is)."""
+    t0 = time.perf_counter()
+    prompts, golds = draw()
+    batch = rollout(model, tokenizer, prompts, golds, cfg.group_size, cfg)
+    groups_sampled = len(prompts)
+    if cfg.algo == "dapo":
+        parts, keep, n_mixed = [], [], 0
+        for round in range(cfg.max_resample):
+            if round:
+                prompts, golds = draw()
+                batch = rollout(model, tokenizer, prompts, golds, cfg.group_size, cfg)
+                groups_sampled += len(prompts)
+            r = batch["rewards"].view(-1, cfg.group_size)                                # (B, G)
+            mixed = r.std(1) > 0
+            mixed &= mixed.cumsum(0) <= cfg.prompts_per_step - n_mixed  # no more than the batch needs
+            parts.append(batch)
+            keep.append(mixed.repeat_interleave(cfg.group_size))
+            n_mixed += int(mixed.sum())
+            if n_mixed == cfg.prompts_per_step:
+                break
+        if n_mixed:
+            batch = cat_rollouts(parts, keep, tokenizer.pad_token_id)
+    return {**batch, "time_sample": time.perf_counter() - t0, "groups_sampled": groups_sampled}
+
+
+def rl_step(model, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
+    """One update on a sampled batch (Algorithm 1, lines 5-12): old log-probs, entropy proxy,
     advantages, then `mu` PPO-clip optimizer steps. Returns the step's metrics."""
     t0 = time.perf_counter()
-    batch = rollout(model, tokenizer, prompts, golds, cfg.group_size, cfg)
-    time_sample = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    rewards, G = batch["rewards"], cfg.group_size
     n, n_response = ids.shape[0], mask.shape[1]
     chunks = micro_batches(n, cfg)
     # old policy = the sampler; same function and chunks as the update below: first ratio = 1
-    old = frozen_logprobs(model, ids, attn, n_response, cfg)                             # (N, T)
+    old = frozen_logprobs(model, ids, attn, n_response, cfg, with_entropy=cfg.algo == "edge-grpo")
+    old, token_entropy = old if cfg.algo == "edge-grpo" else (old, None)                 # (N, T)
     ref = frozen_logprobs(ref_model, ids, attn, n_response, cfg) if ref_model is not None else None
-    entropy = sequence_entropy(old, mask)                                                # (N,)   Eq. E1
-    adv = grpo_advantages(batch["rewards"], cfg.group_size)                              # (N,)   Eq. A1
-    adv_hat = egpo_advantages(batch["rewards"], entropy, cfg.group_size, calibration=cfg.calibration,
-                              lambda_min=cfg.lambda_min, lambda_max=cfg.lambda_max, nsr_coef=cfg.nsr_coef,
-                              renorm=cfg.renorm)                                         # (N,)   Eqs. C1-R1
+    entropy = sequence_entropy(old, batch["entropy_mask"])                               # (N,)   Eq. 5
+    adv = grpo_advantages(rewards, G)                                                    # (N,)   Eq. 2
+    if cfg.algo == "egpo":                                                               #        Eqs. 7-11, 13
+        adv_hat = egpo_advantages(rewards, entropy, G, calibration=cfg.calibration, lambda_min=cfg.lambda_min,
+                                  lambda_max=cfg.lambda_max, nsr=cfg.nsr, renorm=cfg.renorm)
+    elif cfg.algo == "edge-grpo":  # as the EGPO authors ran it: mean full-distribution token entropy
+        p = (token_entropy * mask).sum(1) / mask.sum(1)                                  # (N,)   P_i
+        adv_hat = egpo_advantages(rewards, p, G, calibration="symmetric", lambda_min=0.5, lambda_max=2.0,
+                                  nsr="off", eps_h=1e-6)
+    else:  # grpo, dapo
+        adv_hat = adv
 
     # Each chunk's loss is weighted by its share of the batch's tokens (or responses), so the
     # accumulated gradient equals that of the whole batch under either aggregation.
@@ -665,7 +802,7 @@ def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, 
         optimizer.zero_grad()
         for s in chunks:
             logprobs = token_logprobs(model, ids[s], attn[s], n_response, cfg.temperature, cfg.bf16)
-            loss, stats = policy_loss(logprobs, old[s], adv_hat[s], mask[s],
+            loss, stats = policy_loss(logprobs, old[s], adv_hat[s], mask[s],                    # Eq. 12
                                       clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
                                       ref_logprobs=None if ref is None else ref[s], beta=cfg.beta,
                                       loss_agg=cfg.loss_agg)
@@ -682,15 +819,14 @@ def rl_step(model, ref_model, optimizer, tokenizer, prompts: list, golds: list, 
     if ids.is_cuda:
         logs["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(ids.device) / 2 ** 30
     if cfg.log_completions:  # train() moves these to completions.jsonl
-        prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
-        columns = zip(batch["texts"], *(x.tolist() for x in (batch["rewards"], entropy, adv, adv_hat)))
+        columns = zip(batch["prompts"], batch["texts"], *(x.tolist() for x in (rewards, entropy, adv, adv_hat)))
         logs["completions"] = [
-            {"group": i // cfg.group_size, "prompt": prompt_texts[i // cfg.group_size], "completion": text,
-             "reward": r, "entropy": h, "advantage": a, "egpo_advantage": a_hat}
-            for i, (text, r, h, a, a_hat) in enumerate(columns)]
-    return {**calibration_metrics(batch["rewards"], entropy, adv, adv_hat, cfg.group_size), **logs,
-            "completion_len": n_tokens / n, "time_sample": time_sample, "time_update": time_update,
-            "tokens_per_s": n_tokens / time_sample}
+            {"group": i // G, "prompt": prompt, "completion": text, "reward": r, "entropy": h, "advantage": a,
+             "egpo_advantage": a_hat} for i, (prompt, text, r, h, a, a_hat) in enumerate(columns)]
+    return {**calibration_metrics(rewards, entropy, adv, adv_hat, G), **logs,
+            "completion_len": n_tokens / n, "truncated_frac": batch["truncated"].float().mean().item(),
+            "groups_sampled": batch["groups_sampled"], "time_sample": batch["time_sample"],
+            "time_update": time_update, "tokens_per_s": n_tokens / batch["time_sample"]}
 
 
 @torch.no_grad()
@@ -707,17 +843,18 @@ def evaluate(model, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
             p, g = prompts[i:i + chunk], golds[i:i + chunk]
             greedy.append(rollout(model, tokenizer, p, g, 1, cfg, greedy=True)["rewards"])
             batch = rollout(model, tokenizer, p, g, 1, cfg)
-            mask = batch["response_mask"]
-            lp = frozen_logprobs(model, batch["input_ids"], batch["attention_mask"], mask.shape[1], cfg)
+            n_response = batch["response_mask"].shape[1]
+            lp = frozen_logprobs(model, batch["input_ids"], batch["attention_mask"], n_response, cfg)
             sampled.append(batch["rewards"])
-            entropy.append(sequence_entropy(lp, mask))
+            entropy.append(sequence_entropy(lp, batch["entropy_mask"]))
     finally:
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state_all(cuda_state)
     sampled_r, entropy = torch.cat(sampled), torch.cat(entropy)
+    valid = ~entropy.isnan()
     return {"eval_acc": torch.cat(greedy).mean().item(), "eval_acc_sampled": sampled_r.mean().item(),
-            "eval_auroc": auroc(-entropy, sampled_r), "eval_entropy": entropy.mean().item()}
+            "eval_auroc": auroc(-entropy[valid], sampled_r[valid]), "eval_entropy": entropy.nanmean().item()}
 
 
 def save_checkpoint(model, tokenizer, out: str):
@@ -739,8 +876,8 @@ def train(cfg: Config) -> dict:
     train_rows, test_rows = load_rows(cfg)
     if not train_rows:
         raise UserError(f"no training problems left after holding out --eval-size {cfg.eval_size}: lower it")
-    train_prompts = [build_prompt(tokenizer, r["question"], cfg.dataset) for r in train_rows]
-    test_prompts = [build_prompt(tokenizer, r["question"], cfg.dataset) for r in test_rows]
+    train_prompts = [build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking) for r in train_rows]
+    test_prompts = [build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking) for r in test_rows]
     limit, longest = context_length(model, tokenizer), max(map(len, train_prompts + test_prompts))
     if longest + cfg.max_new_tokens > limit:
         raise UserError(f"a prompt is {longest} tokens; with --max-new-tokens {cfg.max_new_tokens} that exceeds "
@@ -753,11 +890,18 @@ def train(cfg: Config) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump({**dataclasses.asdict(cfg), "torch": torch.__version__, "command": " ".join(sys.argv)}, f, indent=2)
-    print(f"egpo: {cfg.algo} (calibration {cfg.calibration}) on {cfg.model} / {cfg.dataset}, {device}, "
+    method = f"egpo (calibration {cfg.calibration}, nsr {cfg.nsr}, renorm {cfg.renorm})" if cfg.algo == "egpo" \
+        else cfg.algo
+    print(f"egpo: {method} on {cfg.model} / {cfg.dataset}, {device}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(train_rows)} train / {len(test_rows)} held-out problems -> {cfg.out}")
 
     test_golds = [r["answer"] for r in test_rows]
+
+    def draw():  # B training prompts and their gold answers
+        picks = [rng.randrange(len(train_rows)) for _ in range(cfg.prompts_per_step)]
+        return [train_prompts[i] for i in picks], [train_rows[i]["answer"] for i in picks]
+
     summary = {"steps_done": 0}
     try:  # from here on, Ctrl-C (or a crash) still leaves the checkpoint, metrics and summary so far
         completions = os.path.join(cfg.out, "completions.jsonl") if cfg.log_completions else os.devnull
@@ -770,10 +914,8 @@ def train(cfg: Config) -> dict:
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
             bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo)
             for step in bar:
-                picks = [rng.randrange(len(train_rows)) for _ in range(cfg.prompts_per_step)]
-                metrics = {"step": step, **rl_step(model, ref_model, optimizer, tokenizer,
-                                                   [train_prompts[i] for i in picks],
-                                                   [train_rows[i]["answer"] for i in picks], cfg)}
+                batch = sample_batch(model, tokenizer, draw, cfg)
+                metrics = {"step": step, **rl_step(model, ref_model, optimizer, batch, cfg)}
                 log_c.writelines(json.dumps({"step": step, **c}) + "\n" for c in metrics.pop("completions", []))
                 if test_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                     metrics.update(evaluate(model, tokenizer, test_prompts, test_golds, cfg))
