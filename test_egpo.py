@@ -411,40 +411,49 @@ def test_verifier_identities_on_random_answers():
 def adversarial_inputs():
     """Strings up to 10,000 characters built to make a backtracking regex or a quadratic scan blow up."""
     n = 10_000
-    return [
+    inputs = [
         "#### The total number of distinct arrangements possible altogether is 42",  # hung for > 30 s
         "#### " + "word " * (n // 5 - 1) + "42", "#### 5" + " km" * (n // 3 - 3), "#### 5" + " or" * (n // 3 - 3),
         "#### " + "a" * n, "#### " + "ab " * (n // 3) + "1", "#### " + " " * n + "5", "#### 5" + " " * n + "x",
         "#### " + "1" * n, "#### " + "1," * (n // 2), "#### " + "1,000" * (n // 5), "#### " + "1." * (n // 2),
         "#### " + "1/" * (n // 2), "#### " + "1 " * (n // 2) + "x", "#### " + "-" * n + "1",
         "\\boxed{" * (n // 7), "\\boxed{" + "{" * (n // 2), "\\boxed{" + "}" * n, "{" * n, "}" * n,
-        "\\" * n, "####" * (n // 4), "\\boxed{" + "{" * 4996 + "5" + "}" * 4997, "{" * 5000 + "}" * 5000,
+        "\\" * n, "####" * (n // 4), "\\boxed{" + "{" * 4995 + "5" + "}" * 4996, "{" * 5000 + "}" * 5000,
         "\\boxed{" + "\\text{" * (n // 7), "\\boxed{" + "\\text{ m}" * (n // 9) + "}", "\\boxed " * (n // 7),
         "\\boxed{5" + "\\," * (n // 2) + "}", "\\boxed{\\frac{" + "1" * n + "}{3}}", "\\frac" * (n // 5),
         "\\boxed{" + "\\sqrt" * (n // 5) + "}", "\\boxed{(" + "(" * n + ")}", "\\boxed{" + "^{\\circ}" * (n // 9) + "}",
         "#### " + "x = " * (n // 4), "#### " + "5\\text{ m}" * (n // 10), "#### " + "m\u00b2" * (n // 2),
         "#### " + "\u2212" * n, "#### " + "$" * n, "#### " + "%." * (n // 2), "#### " + "9" * 4999 + "." + "9" * 4999,
     ]
+    return [s[:n] for s in inputs]
 
 
 def test_verifier_is_fast_on_adversarial_inputs():
-    """No catastrophic backtracking: every call on a string up to 10,000 characters is well under 0.1 s."""
-    def alarm(*_):
-        raise TimeoutError("a single verifier call ran for over 5 s")
-    old = signal.signal(signal.SIGALRM, alarm)  # fail, not hang, if a regression brings the blow-up back
+    """No catastrophic backtracking: a call on any of them takes well under 0.1 s (the best of 3
+    timings, so that a busy machine does not fail the test: a blow-up happens every time)."""
+    has_alarm = hasattr(signal, "SIGALRM")  # not on Windows, where a blow-up hangs instead of failing
+
+    def seconds(completion, gold):
+        if has_alarm:
+            signal.alarm(5)
+        t0 = time.perf_counter()
+        egpo.verify(completion, gold), egpo.extract_answer(completion)
+        return time.perf_counter() - t0
+
+    def timeout(*_):
+        raise TimeoutError("one verifier call ran for over 5 s")
+
+    old = signal.signal(signal.SIGALRM, timeout) if has_alarm else None
     try:
         worst = 0.0
         for s in adversarial_inputs():
-            assert len(s) <= 10_010
-            answer = s.split("#### ", 1)[-1]
-            for completion, gold in ((s, "42"), (s, s), ("#### 5", s), (s, answer)):
-                signal.alarm(5)
-                t0 = time.perf_counter()
-                egpo.verify(completion, gold), egpo.extract_answer(completion)
-                worst = max(worst, time.perf_counter() - t0)
+            assert len(s) <= 10_000
+            for completion, gold in ((s, "42"), (s, s), ("#### 5", s), (s, s.split("#### ", 1)[-1])):
+                worst = max(worst, min(seconds(completion, gold) for _ in range(3)))
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        if has_alarm:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
     assert worst < 0.1, worst
     assert egpo.verify(adversarial_inputs()[0], "42") == 0.0  # a sentence is not its last number
 
