@@ -177,82 +177,134 @@ def resolve(cfg: Config) -> Config:
 # 2. Task and verifier: extract the final answer, compare it mathematically with gold.
 # ====================================================================================
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+_TOKEN = re.compile(r"[^\s${}]*")  # the answer of '\boxed 5'
+
+
+def _brace_pairs(s: str) -> dict[int, int]:
+    """{index of each '{': index of its matching '}'}, in one pass; unmatched braces are left out."""
+    pairs, opened = {}, []
+    for i, c in enumerate(s):
+        if c == "{":
+            opened.append(i)
+        elif c == "}" and opened:
+            pairs[opened.pop()] = i
+    return pairs
 
 
 def extract_answer(text: str) -> str | None:
-    """The last \\boxed{...} (nested braces allowed; \\fbox too), else the text after the
-    last '####' up to the end of its line, else None."""
+    """The last non-empty \\boxed{...} (nested braces allowed; \\fbox too), else the text
+    after the last '####' up to the end of its line, else None."""
     if not isinstance(text, str):
         return None
-    for match in reversed(list(_BOXED.finditer(text))):
+    boxes = list(_BOXED.finditer(text))
+    pairs = _brace_pairs(text) if boxes else {}
+    for match in reversed(boxes):
         start = match.end()
-        if start < len(text) and text[start] == "{":
-            depth = 0
-            for i in range(start, len(text)):
-                depth += {"{": 1, "}": -1}.get(text[i], 0)
-                if depth == 0:
-                    return text[start + 1:i].strip()
-        elif start < len(text):  # \boxed 5
-            return re.split(r"[\s$]", text[start:], maxsplit=1)[0]
+        if text[start:start + 1] == "{":  # an unbalanced box gives '' and is skipped, like an empty one
+            answer = text[start + 1:pairs.get(start, start)].strip()
+        else:  # \boxed 5
+            answer = _TOKEN.match(text, start).group()
+        if answer:
+            return answer
     if "####" in text:
-        answer = text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
-        return answer or None
+        return text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip() or None
     return None
 
 
-_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
-_UNIT = r"(?:[a-zA-Z]{2,}|[a-zA-Z](?=\^|²|³))(?:\^\{?\d\}?|[²³])?"  # words, or one letter with a power
-_TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textnormal|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}")
+_NUM = r"\d+(?:\.\d*)?|\.\d+"
+_RATIO = re.compile(rf"([-+]?{_NUM})\s*/\s*([-+]?{_NUM})")
+_FRAC = re.compile(rf"(\d*)\s*\\frac\s*(?:\{{\s*([-+]?{_NUM})\s*\}}|(\d))\s*(?:\{{\s*([-+]?{_NUM})\s*\}}|(\d))")
+_WRAPPER = r"\\(?:text|textbf|textit|textnormal|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}"
+_POWER = r"(?:\^\{?\d\}?|[²³])?"  # cm^2, m²
+_TRAILING_WRAPPER = re.compile(rf"{_WRAPPER}\s*{_POWER}$")
+_LAST_WORD = re.compile(rf"(?<![A-Za-z])([A-Za-z]+){_POWER}$")  # starts only where a word starts: linear
+_UNITS = set("""mm cm m km g kg mg lb lbs oz s sec secs second seconds min mins minute minutes hr hrs
+hour hours day days week weeks month months year years dollar dollars cent cents unit units meter meters
+metre metres inch inches ft foot feet yd yard yards mile miles mph kph degree degrees ml l liter liters litre
+litres gallon gallons sq square cubic per""".split())
+
+
+def _strip_outer_braces(s: str) -> str:
+    """'{{5}}' -> '5', every layer in one pass (5,000 nested braces cost no more than one)."""
+    pairs, k = _brace_pairs(s) if s.startswith("{") else {}, 0
+    while pairs.get(k) == len(s) - 1 - k > k:
+        k += 1
+    return s[k:len(s) - k].strip()
+
+
+def _strip_units(s: str) -> str:
+    """'18 dollars' -> '18', '1000.99m²' -> '1000.99': up to three trailing unit words, and only
+    when a number remains ('5 or more', '2x' stay as they are)."""
+    rest = s
+    for _ in range(3):
+        m = _LAST_WORD.search(rest)
+        if not m or m.group(1).lower() not in _UNITS:
+            break
+        rest = rest[:m.start()].rstrip()
+    return rest if rest != s and _to_number(rest) is not None else s
 
 
 def _normalize(s: str) -> str:
-    """Strip what does not change a final answer's value: $, LaTeX spacing and text
-    wrappers, \\left/\\right, degrees, percent, thousands separators, unit words."""
-    s = s.strip()
-    s = _TEXT_WRAPPERS.sub(r"\1", s)
-    s = s.replace("{,}", ",").replace("\\$", "").replace("$", "")
-    for spacing in ("\\!", "\\,", "\\;", "\\:", "\\ ", "~"):
+    """Strip what does not change a final answer's value: outer braces, $, LaTeX spacing and
+    text wrappers, \\left/\\right, degrees, percent, thousands separators, a trailing unit."""
+    s = _strip_outer_braces(s.strip().replace("\u2212", "-"))  # Unicode minus
+    s = re.sub(r",\\!\s*", ",", s).replace("{,}", ",").replace("\\!", "").replace("\\$", "").replace("$", "")
+    for spacing in ("\\,", "\\;", "\\:", "\\ ", "~", "\\left", "\\right"):
         s = s.replace(spacing, " ")
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = s.replace("\\cfrac", "\\frac")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
+    if (m := _TRAILING_WRAPPER.search(s)) and re.search(r"[\d}]$", s[:m.start()].strip()):
+        s = s[:m.start()]  # 5\text{ cm}^2 -> 5: a \text{} after a number is its unit
+    s = re.sub(_WRAPPER, r"\1", s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree|\\%|%|\bpercent\b|\bpct\b", "", s)
-    s = re.sub(r"(?<=\d),\s*(?=\d{3}(?!\d))", "", s)  # 1,000,000 -> 1000000
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)  # 1,000,000 -> 1000000; '2, 500' stays a list
+    s = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
     s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s.strip())  # x = 5 -> 5
     s = s.strip().rstrip(".").strip()
     if s.startswith("(") and s.endswith(")") and "," not in s:  # (1/3) -> 1/3, but not a point (1, 2)
         s = s[1:-1].strip()
-    without_units = re.sub(rf"(?:\s*{_UNIT})+$", "", s).strip()
-    return without_units if re.search(r"[\d}]$", without_units) else s
+    return _strip_units(s)
 
 
-def _to_number(s: str) -> float | None:
-    """A number, a/b, or \\frac{a}{b} (\\frac13 too) as a float; None if it is none of them."""
-    if m := re.fullmatch(_NUM, s):
-        return float(m.group(0))
-    if m := re.fullmatch(rf"({_NUM})\s*/\s*({_NUM})", s):
-        den = float(m.group(2))
-        return float(m.group(1)) / den if den else None
-    if m := re.fullmatch(rf"([-+]?)\\frac\s*(?:\{{\s*({_NUM})\s*\}}|(\d))\s*(?:\{{\s*({_NUM})\s*\}}|(\d))", s):
-        num, den = float(m.group(2) or m.group(3)), float(m.group(4) or m.group(5))
-        return (-1 if m.group(1) == "-" else 1) * num / den if den else None
-    return None
+def _to_number(s: str) -> int | float | None:
+    """An integer as an int (compared exactly); a decimal, a/b, \\frac{a}{b} (\\frac13 too) or a
+    mixed number 3\\frac{1}{2} as a float; signed. None if s is none of them or is huge."""
+    sign, s = (-1, s[1:].lstrip()) if s.startswith("-") else (1, s.removeprefix("+"))
+    try:
+        if re.fullmatch(r"\d+", s):
+            value = int(s)
+        elif re.fullmatch(_NUM, s):
+            value = float(s)
+        elif m := _RATIO.fullmatch(s):
+            value = float(m.group(1)) / float(m.group(2))
+        elif m := _FRAC.fullmatch(s):
+            value = int(m.group(1) or 0) + float(m.group(2) or m.group(3)) / float(m.group(4) or m.group(5))
+        else:
+            return None
+    except (ValueError, ZeroDivisionError):  # a zero denominator, or an int of over 4,300 digits
+        return None
+    return sign * value if abs(value) < 1e300 else None  # a huge int compares as a string: exactly
 
 
 def verify(completion: str, gold: str) -> float:
-    """1.0 iff the completion's final answer equals `gold` mathematically (numbers with a
-    1e-6 relative tolerance, else normalised strings). Never raises."""
+    """1.0 iff the completion's final answer equals `gold` mathematically: integers exactly,
+    decimals and fractions to a 1e-6 relative tolerance, else as normalised strings
+    (case-insensitive). Never raises."""
     answer = extract_answer(completion)
     if not isinstance(gold, str):
         gold = str(gold)
-    if "####" in gold or "\\boxed" in gold:  # a whole GSM8K / MATH solution was passed as gold
+    if "####" in gold or _BOXED.search(gold):  # a whole GSM8K / MATH solution was passed as gold
         gold = extract_answer(gold) or ""
     if not answer or not gold.strip():
         return 0.0
     a, g = _normalize(answer), _normalize(gold)
-    if a.replace(" ", "") == g.replace(" ", ""):
+    if a.replace(" ", "").lower() == g.replace(" ", "").lower():
         return 1.0
     x, y = _to_number(a), _to_number(g)
-    return float(x is not None and y is not None and abs(x - y) <= 1e-6 * max(abs(x), abs(y)))
+    if x is None or y is None:
+        return 0.0
+    if isinstance(x, int) and isinstance(y, int):
+        return float(x == y)
+    return float(abs(x - y) <= 1e-6 * max(abs(x), abs(y)))
 
 
 def toy_problem(a: int, b: int) -> dict:

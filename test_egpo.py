@@ -322,6 +322,20 @@ GSM8K_CASES = [
     ("", "18", 0),
     ("####", "18", 0),
     ("#### AZYUK2A", "2", 0),
+    ("#### 999999", "1000000", 0),  # integers compare exactly: no relative tolerance
+    ("#### 12345679", "12345678", 0),
+    ("#### 100000000000000001", "100000000000000000", 0),  # beyond a float's 53 bits
+    ("#### 1000000.0", "1000000", 1),  # a decimal: the 1e-6 relative tolerance applies
+    ("#### 2,500", "2500", 1),
+    ("#### 2, 500", "2500", 0),  # a space after the comma: a list, not a thousands separator
+    ("#### 5 or more", "5", 0),  # only unit words are dropped
+    ("#### 7 is", "7", 0),
+    ("#### 12 km", "12", 1),
+    ("#### 3 hours", "3", 1),
+    ("#### \u22125", "-5", 1),  # Unicode minus
+    ("#### monday", "Monday", 1),  # strings compare case-insensitively
+    ("#### 1,000.99m\u00b2", "1000.99", 1),  # from Math-Verify's tests
+    ("#### 28", "0.28", 0),
 ]
 MATH_CASES = [
     ("$\\boxed{\\frac{1}{2}}$", "\\frac12", 1),
@@ -354,6 +368,20 @@ MATH_CASES = [
     ("\\boxed{\\left( \\frac{1}{3} \\right)}", "\\frac{1}{3}", 1),
     ("\\boxed{1\\frac{1}{2}}", "11/2", 0),  # a mixed number is not 11/2
     ("The answer is 5", "5", 0),
+    ("\\boxed{2, 500}", "2500", 0),  # a list
+    ("\\boxed{5 or more}", "5", 0),
+    ("\\boxed{- \\frac{1}{2}}", "-0.5", 1),
+    ("\\boxed{5 \\text{ m}}", "5", 1),
+    ("\\boxed{5\\ \\mathrm{m}}", "5", 1),
+    ("\\boxed{\\sqrt2}", "\\sqrt{2}", 1),
+    ("\\boxed{{5}}", "5", 1),
+    ("\\boxed{5} is what I get, so the answer is \\boxed{}", "5", 1),  # an empty box is skipped
+    ("\\boxed{3\\frac{1}{2}}", "7/2", 1),  # a mixed number
+    ("\\boxed{\\text{Monday}}", "monday", 1),
+    ("is $\\boxed{11,\\! 111,\\! 111,\\! 100}$", "11111111100", 1),  # from Math-Verify's tests
+    ("The distance is $\\boxed{125\\textnormal{ miles}}.$", "125", 1),
+    ("The answer is $\\boxed{\\frac{1}{3} \\textbf{meters}}$.", "1/3", 1),
+    ("$\\boxed{28 percent}", "28\\%", 1),
 ]
 
 
@@ -362,21 +390,105 @@ def test_verify(completion, gold, expected):
     assert egpo.verify(completion, gold) == expected
 
 
-def test_extract_answer_takes_the_last_boxed_with_nested_braces_else_hashes_else_none():
+def test_extract_answer_takes_the_last_nonempty_boxed_with_nested_braces_else_hashes_else_none():
     assert egpo.extract_answer("a \\boxed{1} b \\boxed{\\frac{1}{\\sqrt{2}}} c") == "\\frac{1}{\\sqrt{2}}"
+    assert egpo.extract_answer("a \\boxed{1} b \\fbox{2} c \\boxed{ } d \\boxed{}") == "2"
+    assert egpo.extract_answer("\\boxed{3} \\boxed{4") == "3"  # an unbalanced last box is skipped too
     assert egpo.extract_answer("x\n#### 42 \nmore") == "42"
     assert egpo.extract_answer("no answer here") is None
+    assert egpo.extract_answer("\\boxed{}") is None
     assert egpo.extract_answer(None) is None
 
 
-def test_verifier_never_raises_on_any_string():
+def random_balanced(rng, depth=0):
+    """A random string whose braces are balanced, from a LaTeX-ish alphabet."""
+    parts = []
+    for _ in range(rng.randint(1, 6)):
+        if depth < 4 and rng.random() < 0.2:
+            parts.append("{" + random_balanced(rng, depth + 1) + "}")
+        else:
+            parts.append(rng.choice(["1", "23", "-", ".", ",", " ", "/", "x", "\\frac", "\\sqrt", "\\text",
+                                     "\\,", "\\!", "$", "%", "^", "\\circ", "(", ")", "cm", "or", "\\", "#"]))
+    return "".join(parts)
+
+
+def test_verifier_returns_a_float_and_never_raises_on_random_strings():
     rng = random.Random(0)
-    alphabet = "\\{}$#%.,/-+ ^0123456789boxedfractextlp()\n"
+    alphabet = "\\{}$#%.,/-+ ^0123456789boxedfractextlp()\n\u2212"
     for _ in range(3000):
         s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
-        assert egpo.verify(s, s[::-1]) in (0.0, 1.0)
-        assert egpo.verify("#### " + s, s) in (0.0, 1.0)
+        for completion, gold in ((s, s[::-1]), ("#### " + s, s), ("\\boxed{" + s, s), (s, "")):
+            r = egpo.verify(completion, gold)
+            assert type(r) is float and r in (0.0, 1.0), (completion, gold, r)
     assert egpo.verify("#### " + "9" * 5000, "9" * 5000) == 1.0
+
+
+def test_verifier_identities_on_random_answers():
+    rng = random.Random(0)
+    for _ in range(2000):
+        n = rng.choice([rng.randint(-100, 100), rng.randint(-10**9, 10**9), rng.randint(-10**30, 10**30)])
+        assert egpo.verify("#### " + str(n), str(n)) == 1.0, n
+        assert egpo.verify("#### " + str(n + 1), str(n)) == 0.0, n
+        assert egpo.verify(f"\\boxed{{{n:,}}}", str(n)) == 1.0, n
+        assert egpo.verify(f"#### {n}", f"{n:,}") == 1.0, n
+        a, b = rng.randint(-999, 999), rng.randint(1, 999)
+        assert egpo.verify(f"\\boxed{{{a / b:.12f}}}", f"\\frac{{{a}}}{{{b}}}") == 1.0, (a, b)
+        off = max(1e-4, abs(a / b) * 1e-4)  # 1e-4 relative: outside the tolerance
+        assert egpo.verify(f"\\boxed{{{a / b + off:.12f}}}", f"{a}/{b}") == 0.0, (a, b)
+        x = random_balanced(rng)
+        if x.strip() and "####" not in x:
+            assert egpo.verify("\\boxed{" + x + "}", x) == 1.0, x
+            assert egpo.verify("so \\boxed{" + x + "} at last", x) == 1.0, x
+
+
+def adversarial_inputs():
+    """Strings up to 10,000 characters built to make a backtracking regex or a quadratic scan blow up."""
+    n = 10_000
+    inputs = [
+        "#### The total number of distinct arrangements possible altogether is 42",  # hung for > 30 s
+        "#### " + "word " * (n // 5 - 1) + "42", "#### 5" + " km" * (n // 3 - 3), "#### 5" + " or" * (n // 3 - 3),
+        "#### " + "a" * n, "#### " + "ab " * (n // 3) + "1", "#### " + " " * n + "5", "#### 5" + " " * n + "x",
+        "#### " + "1" * n, "#### " + "1," * (n // 2), "#### " + "1,000" * (n // 5), "#### " + "1." * (n // 2),
+        "#### " + "1/" * (n // 2), "#### " + "1 " * (n // 2) + "x", "#### " + "-" * n + "1",
+        "\\boxed{" * (n // 7), "\\boxed{" + "{" * (n // 2), "\\boxed{" + "}" * n, "{" * n, "}" * n,
+        "\\" * n, "####" * (n // 4), "\\boxed{" + "{" * 4995 + "5" + "}" * 4996, "{" * 5000 + "}" * 5000,
+        "\\boxed{" + "\\text{" * (n // 7), "\\boxed{" + "\\text{ m}" * (n // 9) + "}", "\\boxed " * (n // 7),
+        "\\boxed{5" + "\\," * (n // 2) + "}", "\\boxed{\\frac{" + "1" * n + "}{3}}", "\\frac" * (n // 5),
+        "\\boxed{" + "\\sqrt" * (n // 5) + "}", "\\boxed{(" + "(" * n + ")}", "\\boxed{" + "^{\\circ}" * (n // 9) + "}",
+        "#### " + "x = " * (n // 4), "#### " + "5\\text{ m}" * (n // 10), "#### " + "m\u00b2" * (n // 2),
+        "#### " + "\u2212" * n, "#### " + "$" * n, "#### " + "%." * (n // 2), "#### " + "9" * 4999 + "." + "9" * 4999,
+    ]
+    return [s[:n] for s in inputs]
+
+
+def test_verifier_is_fast_on_adversarial_inputs():
+    """No catastrophic backtracking: a call on any of them takes well under 0.1 s (the best of 3
+    timings, so that a busy machine does not fail the test: a blow-up happens every time)."""
+    has_alarm = hasattr(signal, "SIGALRM")  # not on Windows, where a blow-up hangs instead of failing
+
+    def seconds(completion, gold):
+        if has_alarm:
+            signal.alarm(5)
+        t0 = time.perf_counter()
+        egpo.verify(completion, gold), egpo.extract_answer(completion)
+        return time.perf_counter() - t0
+
+    def timeout(*_):
+        raise TimeoutError("one verifier call ran for over 5 s")
+
+    old = signal.signal(signal.SIGALRM, timeout) if has_alarm else None
+    try:
+        worst = 0.0
+        for s in adversarial_inputs():
+            assert len(s) <= 10_000
+            for completion, gold in ((s, "42"), (s, s), ("#### 5", s), (s, s.split("#### ", 1)[-1])):
+                worst = max(worst, min(seconds(completion, gold) for _ in range(3)))
+    finally:
+        if has_alarm:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    assert worst < 0.1, worst
+    assert egpo.verify(adversarial_inputs()[0], "42") == 0.0  # a sentence is not its last number
 
 
 def test_toy_solutions_verify_and_the_splits_are_disjoint():
