@@ -1,18 +1,20 @@
 """EGPO: entropy-calibrated group policy optimisation, in one readable file.
 
 Paper: Qiannian Zhao et al., "Know What You Know: Metacognitive Entropy Calibration for
-Verifiable RL Reasoning", arXiv:2602.22751. EGPO is GRPO (outcome reward, group-normalised
-advantages, PPO-clip update) in which each response's advantage is scaled by how confident
-the model was when it wrote it. The verifier and the 0/1 reward are unchanged.
+Verifiable RL Reasoning", arXiv:2602.22751 (equation numbers below are the paper's). EGPO is
+GRPO (outcome reward, group-normalised advantages, PPO-clip update) in which each response's
+advantage is scaled by how confident the model was when it wrote it, and in which a group of
+only wrong answers is pushed down instead of ignored. The verifier and the 0/1 reward are unchanged.
 
-    python egpo.py                              # offline demo: tiny model, toy task, CPU, ~30 s
-    python egpo.py --algo grpo                  # the same run with plain GRPO
+    python egpo.py                              # offline demo: tiny model, toy task, CPU, < 1 min
+    python egpo.py --algo grpo                  # the same run with plain GRPO (also dapo, edge-grpo)
+    python egpo.py --calibration symmetric      # an ablation of the paper's Table 2 (C1)
     python egpo.py --model Qwen2.5-0.5B         # a real model on GSM8K (CUDA, bf16 autocast)
     python egpo.py --help                       # every flag, with its default
 
-The file reads in the order of one training step and of the paper:
-config -> task & verifier -> model -> sampling -> entropy proxy (E1) -> advantages
-(A1, C1, C2, N1, R1) -> policy loss -> metrics -> training loop -> main.
+The file reads in the order of one training step (Algorithm 1) and of the paper:
+config -> task & verifier -> model -> sampling -> entropy proxy (Eq. 5) -> advantages
+(Eq. 2, Eqs. 7-11, 13) -> policy loss (Eq. 12) -> metrics -> training loop -> main.
 """
 import contextlib
 import copy
@@ -93,8 +95,10 @@ class Config:
     bf16: bool = flag(None, "on CUDA, bf16 autocast over fp32 weights (TRL: bf16=True); --no-bf16 = fp32 "
                             "[auto: on for real models, off for tiny]")
     # --- tiny model and toy task
-    sft_steps: int = flag(None, "supervised warm-up steps on worked solutions "
-                                "[auto: 100 x --toy-digits for tiny+toy, else 0]")
+    sft_steps: int = flag(None, "supervised warm-up steps on worked solutions, at most (see --sft-target) "
+                                "[auto: 500 x --toy-digits for tiny+toy, else 0]")
+    sft_target: float = flag(0.5, "stop the warm-up once greedy accuracy on 64 training problems reaches this "
+                                  "(0 = always run --sft-steps)")
     sft_lr: float = flag(3e-3, "learning rate of the warm-up")
     sft_batch_size: int = flag(64, "batch size of the warm-up")
     toy_digits: int = flag(2, "operand digits of the toy addition task (3 = harder: many all-wrong groups)")
@@ -135,7 +139,7 @@ def resolve(cfg: Config) -> Config:
     if cfg.device == "auto":  # the tiny demo is as fast on a CPU, and its numbers in the README are CPU numbers
         cfg.device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
     if cfg.sft_steps is None:
-        cfg.sft_steps = 100 * cfg.toy_digits if tiny and cfg.dataset == "toy" else 0
+        cfg.sft_steps = 500 * cfg.toy_digits if tiny and cfg.dataset == "toy" else 0
     if cfg.clip_eps_high is None:
         cfg.clip_eps_high = 0.28 if cfg.algo == "dapo" else 0.2
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -164,6 +168,7 @@ def resolve(cfg: Config) -> Config:
         (cfg.eval_size >= 0 and cfg.eval_every >= 0, "--eval-size and --eval-every must be >= 0"),
         (cfg.sft_steps >= 0 and cfg.save_every >= 0, "--sft-steps and --save-every must be >= 0"),
         (cfg.toy_digits >= 1, "--toy-digits must be >= 1"),
+        (0 <= cfg.sft_target <= 1, f"--sft-target is an accuracy in [0, 1] (got {cfg.sft_target})"),
         (cfg.device != "cuda" or torch.cuda.is_available(),
          "--device cuda was asked for but CUDA is not available here: use --device cpu (or auto)"),
     ]
@@ -663,7 +668,7 @@ def egpo_advantages(rewards: torch.Tensor, entropy: torch.Tensor, group_size: in
 
 
 # ====================================================================================
-# 7. Policy loss: PPO-clip surrogate + optional k3 KL -- ALGO LOGIC
+# 7. Policy loss (paper Eq. 12): PPO-clip surrogate + optional k3 KL -- ALGO LOGIC
 # ====================================================================================
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean") -> torch.Tensor:
     """token-mean: over all unmasked tokens of the batch; seq-mean-token-mean: over each
@@ -677,7 +682,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps_low=0.2, clip_eps_high=0.2,
                 ref_logprobs=None, beta=0.0, loss_agg="token-mean"):
-    """Per token: ratio = exp(logp - logp_old);
+    """Eq. 12, per token: ratio = exp(logp - logp_old);
     pg = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), plus beta * KL_k3 with
     KL_k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman, "Approximating KL divergence",
     2020). Returns (loss, stats) with stats = {kl, clip_frac} (fractions of masked tokens)."""
@@ -749,13 +754,17 @@ def calibration_metrics(rewards, entropy, adv, adv_hat, group_size: int) -> dict
 # ====================================================================================
 # 9. Training: warm-up, one RL step, evaluation, the loop
 # ====================================================================================
-def sft_warmup(model, tokenizer, rows: list, prompts: list, cfg: Config, rng: random.Random):
-    """Supervised warm-up on worked solutions (prompt tokens masked), so that RL starts from
-    a model that sometimes gets the answer right."""
+def sft_warmup(model, tokenizer, rows: list, prompts: list, cfg: Config, rng: random.Random) -> int:
+    """Supervised warm-up on worked solutions (prompt tokens masked), so that RL starts from a
+    model that gets some answers right. Every 10 steps it checks greedy accuracy on 64 training
+    problems and stops once that reaches --sft-target. The toy task is learnt in a sharp step:
+    a fixed number of steps lands anywhere on that step depending on the CPU's rounding, while
+    a target lands at the same accuracy on any machine. Returns the number of steps taken."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    check = rng.sample(range(len(rows)), min(64, len(rows)))
     model.train()
-    for _ in tqdm(range(cfg.sft_steps), desc="warm-up (SFT)", leave=False):
+    for step in tqdm(range(1, cfg.sft_steps + 1), desc="warm-up (SFT)", leave=False):
         picks = rng.sample(range(len(rows)), min(cfg.sft_batch_size, len(rows)))
         seqs, labels = [], []
         for i in picks:
@@ -770,6 +779,13 @@ def sft_warmup(model, tokenizer, rows: list, prompts: list, cfg: Config, rng: ra
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
+        if cfg.sft_target and step % 10 == 0:
+            batch = rollout(model, tokenizer, [prompts[i] for i in check], [rows[i]["answer"] for i in check], 1,
+                            cfg, greedy=True)
+            model.train()
+            if batch["rewards"].mean() >= cfg.sft_target:
+                return step
+    return cfg.sft_steps
 
 
 def pad_right(rows: list[list[int]], value: int, device) -> torch.Tensor:
@@ -793,8 +809,8 @@ def frozen_logprobs(model, input_ids, attention_mask, n_response: int, cfg: Conf
 
 
 def sample_batch(model, tokenizer, draw, cfg: Config) -> dict:
-    """Roll out G responses for each of the B prompts that draw() returns (Algorithm 1, lines
-    3-4). --algo dapo adds DAPO's dynamic sampling: groups whose rewards are all equal carry no
+    """Roll out G responses for each of the B prompts that draw() returns, and verify them
+    (Algorithm 1's sampling). --algo dapo adds DAPO's dynamic sampling: groups whose rewards are all equal carry no
     GRPO signal and are dropped, and more prompts are drawn until B mixed groups are in hand
     (at most --max-resample rounds; if none is mixed by then, the last round is kept as it is)."""
     t0 = time.perf_counter()
@@ -822,7 +838,7 @@ def sample_batch(model, tokenizer, draw, cfg: Config) -> dict:
 
 
 def rl_step(model, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
-    """One update on a sampled batch (Algorithm 1, lines 5-12): old log-probs, entropy proxy,
+    """One update on a sampled batch (the rest of Algorithm 1): old log-probs, entropy proxy,
     advantages, then `mu` PPO-clip optimizer steps. Returns the step's metrics."""
     t0 = time.perf_counter()
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
@@ -883,9 +899,9 @@ def rl_step(model, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
-    """Held-out accuracy, greedy and sampled (one sample per problem at --temperature), and the
-    AUROC of -H as a predictor of correctness on the samples. The RNG state is saved and
-    restored, so a run is the same whatever its evaluation schedule."""
+    """Held-out accuracy, greedy and sampled (one sample per problem at --temperature); on the
+    samples, the AUROC of -H as a predictor of correctness and the mean H of right and wrong
+    ones. The RNG state is saved and restored, so a run is the same whatever its evaluation schedule."""
     cpu_state = torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     chunk = cfg.prompts_per_step * cfg.group_size
@@ -904,9 +920,11 @@ def evaluate(model, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
         if cuda_state is not None:
             torch.cuda.set_rng_state_all(cuda_state)
     sampled_r, entropy = torch.cat(sampled), torch.cat(entropy)
-    valid = ~entropy.isnan()
+    valid, correct = ~entropy.isnan(), sampled_r > 0
     return {"eval_acc": torch.cat(greedy).mean().item(), "eval_acc_sampled": sampled_r.mean().item(),
-            "eval_auroc": auroc(-entropy[valid], sampled_r[valid]), "eval_entropy": entropy.nanmean().item()}
+            "eval_auroc": auroc(-entropy[valid], sampled_r[valid]), "eval_entropy": entropy.nanmean().item(),
+            "eval_entropy_correct": entropy[correct].nanmean().item(),      # paper Section 4.4: the gap between
+            "eval_entropy_incorrect": entropy[~correct].nanmean().item()}  # these two (NaN if a class is empty)
 
 
 def save_checkpoint(model, tokenizer, out: str):
@@ -959,7 +977,7 @@ def train(cfg: Config) -> dict:
         completions = os.path.join(cfg.out, "completions.jsonl") if cfg.log_completions else os.devnull
         with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as log, open(completions, "w") as log_c:
             if cfg.sft_steps:
-                sft_warmup(model, tokenizer, train_rows, train_prompts, cfg, rng)
+                summary["sft_steps_done"] = sft_warmup(model, tokenizer, train_rows, train_prompts, cfg, rng)
             if test_rows:
                 summary["before"] = evaluate(model, tokenizer, test_prompts, test_golds, cfg)
             ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
@@ -993,11 +1011,14 @@ def train(cfg: Config) -> dict:
 def print_summary(summary: dict, cfg: Config):
     columns = [(name, summary[key]) for name, key in [("before RL", "before"), ("after RL", "after")]
                if key in summary]
+    if "sft_steps_done" in summary:
+        print(f"\nwarm-up: {summary['sft_steps_done']} supervised steps")
     if columns:
         print(f"\n{'held-out (' + str(summary['steps_done']) + ' RL steps)':34s}"
               + "".join(f" {name:>10s}" for name, _ in columns))
         for key, label in [("eval_acc", "greedy accuracy"), ("eval_acc_sampled", "sampled accuracy"),
-                           ("eval_auroc", "AUROC of -H for correctness"), ("eval_entropy", "mean entropy proxy H")]:
+                           ("eval_auroc", "AUROC of -H for correctness"), ("eval_entropy", "mean entropy proxy H"),
+                           ("eval_entropy_correct", "  of right answers"), ("eval_entropy_incorrect", "  of wrong answers")]:
             print(f"{label:34s}" + "".join(f" {100 * r[key]:9.1f}%" if "acc" in key else f" {r[key]:10.3f}"
                                            for _, r in columns))
     files = "metrics.jsonl, " + "completions.jsonl, " * cfg.log_completions + "config.json, summary.json"

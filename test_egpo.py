@@ -707,6 +707,21 @@ def test_prompt_formats():
     assert chat.startswith("<user>12+3=\n") and chat.endswith("<assistant>")
 
 
+def test_warm_up_stops_once_it_reaches_its_target():
+    """Two problems to memorise: the warm-up stops at the first check (every 10 steps) where
+    greedy decoding gets both right, long before --sft-steps; with no target it runs them all."""
+    cfg = egpo.resolve(egpo.Config(sft_steps=400, sft_target=1.0, sft_batch_size=2))
+    model, tok = egpo.load_policy(cfg, torch.device("cpu"))
+    rows = [egpo.toy_problem(47, 38), egpo.toy_problem(12, 9)]
+    prompts = [tok(r["question"])["input_ids"] for r in rows]
+    torch.manual_seed(0)
+    steps = egpo.sft_warmup(model, tok, rows, prompts, cfg, random.Random(0))
+    assert steps < 400 and steps % 10 == 0
+    assert egpo.rollout(model, tok, prompts, ["85", "21"], 1, cfg, greedy=True)["rewards"].tolist() == [1.0, 1.0]
+    cfg.sft_steps, cfg.sft_target = 7, 0.0
+    assert egpo.sft_warmup(model, tok, rows, prompts, cfg, random.Random(0)) == 7
+
+
 # ---------------------------------------------------------------- command line, end to end
 def run_cli(*args, env=None, **kwargs):
     return subprocess.run([sys.executable, str(HERE / "egpo.py"), *args], capture_output=True, text=True,
@@ -900,7 +915,7 @@ def test_help_documents_every_flag_of_the_spec(capsys):
     text = capsys.readouterr().out
     for name in """model dataset algo calibration steps prompts-per-step group-size max-new-tokens temperature
     top-p lr beta clip-eps-low clip-eps-high loss-agg mu lambda-min lambda-max nsr renorm entropy-span
-    max-resample thinking sft-steps toy-digits micro-batch-size gradient-checkpointing bf16 eval-every eval-size
+    max-resample thinking sft-steps sft-target toy-digits micro-batch-size gradient-checkpointing bf16 eval-every eval-size
     log-completions seed device out""".split():
         assert re.search(rf"--{name}\b(?!-)", text), name
 
