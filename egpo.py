@@ -810,31 +810,24 @@ def frozen_logprobs(model, input_ids, attention_mask, n_response: int, cfg: Conf
 
 def sample_batch(model, tokenizer, draw, cfg: Config) -> dict:
     """Roll out G responses for each of the B prompts that draw() returns, and verify them
-    (Algorithm 1's sampling). --algo dapo adds DAPO's dynamic sampling: groups whose rewards are all equal carry no
-    GRPO signal and are dropped, and more prompts are drawn until B mixed groups are in hand
-    (at most --max-resample rounds; if none is mixed by then, the last round is kept as it is)."""
+    (Algorithm 1's sampling). --algo dapo adds DAPO's dynamic sampling: groups whose rewards
+    are all equal carry no GRPO signal and are dropped, and more prompts are drawn until B
+    mixed groups are in hand (at most --max-resample rounds; if none is mixed by then, the last
+    round is kept as it is)."""
     t0 = time.perf_counter()
-    prompts, golds = draw()
-    batch = rollout(model, tokenizer, prompts, golds, cfg.group_size, cfg)
-    groups_sampled = len(prompts)
-    if cfg.algo == "dapo":
-        parts, keep, n_mixed = [], [], 0
-        for round in range(cfg.max_resample):
-            if round:
-                prompts, golds = draw()
-                batch = rollout(model, tokenizer, prompts, golds, cfg.group_size, cfg)
-                groups_sampled += len(prompts)
-            r = batch["rewards"].view(-1, cfg.group_size)                                # (B, G)
-            mixed = r.std(1) > 0
-            mixed &= mixed.cumsum(0) <= cfg.prompts_per_step - n_mixed  # no more than the batch needs
-            parts.append(batch)
-            keep.append(mixed.repeat_interleave(cfg.group_size))
-            n_mixed += int(mixed.sum())
-            if n_mixed == cfg.prompts_per_step:
-                break
-        if n_mixed:
-            batch = cat_rollouts(parts, keep, tokenizer.pad_token_id)
-    return {**batch, "time_sample": time.perf_counter() - t0, "groups_sampled": groups_sampled}
+    parts, keep, n_mixed = [], [], 0
+    for _ in range(cfg.max_resample if cfg.algo == "dapo" else 1):
+        batch = rollout(model, tokenizer, *draw(), cfg.group_size, cfg)
+        mixed = batch["rewards"].view(-1, cfg.group_size).std(1) > 0                     # (B,)
+        mixed &= mixed.cumsum(0) <= cfg.prompts_per_step - n_mixed  # no more than the batch needs
+        parts.append(batch)
+        keep.append(mixed.repeat_interleave(cfg.group_size))
+        n_mixed += int(mixed.sum())
+        if n_mixed == cfg.prompts_per_step:
+            break
+    if cfg.algo == "dapo" and n_mixed:
+        batch = cat_rollouts(parts, keep, tokenizer.pad_token_id)
+    return {**batch, "time_sample": time.perf_counter() - t0, "groups_sampled": len(parts) * cfg.prompts_per_step}
 
 
 def rl_step(model, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
