@@ -146,8 +146,8 @@ def resolve(cfg: Config) -> Config:
     egpo_only = [f"--{k.replace('_', '-')}" for k in ("calibration", "lambda_min", "lambda_max", "nsr", "renorm")
                  if getattr(cfg, k) != defaults[k]]
     if cfg.algo != "egpo" and egpo_only:
-        raise UserError(f"{', '.join(egpo_only)} calibrate EGPO and do nothing under --algo {cfg.algo}: "
-                        "drop them or use --algo egpo")
+        raise UserError(f"{', '.join(egpo_only)}: EGPO's calibration, which does nothing under --algo {cfg.algo}; "
+                        "drop it or use --algo egpo")
     checks = [
         (cfg.group_size >= 2, f"--group-size must be >= 2 (got {cfg.group_size}): a group of one has no "
                               "baseline to compare against"),
@@ -654,9 +654,9 @@ def egpo_advantages(rewards: torch.Tensor, entropy: torch.Tensor, group_size: in
     if renorm == "before-clamp":                                                         # Eq. 9 (C6)
         w_hat = w_hat / w_hat.mean(1, keepdim=True)
     c = w_hat.clamp(lambda_min, lambda_max)                                              # Eq. 8
-    up, down, correct = c.clamp(min=1.0), c.clamp(max=1.0), r > 0
-    w = {"asymmetric": torch.where(correct, up, down), "symmetric": c,
-         "neg-only": torch.where(correct, c, down), "pos-only": torch.where(correct, up, c)}[calibration]
+    w_correct = c.clamp(min=1.0) if calibration in ("asymmetric", "pos-only") else c        # never weakened
+    w_wrong = c.clamp(max=1.0) if calibration in ("asymmetric", "neg-only") else c           # never strengthened
+    w = torch.where(r > 0, w_correct, w_wrong)
     if renorm == "after-clamp":                                                          # Eq. 9 (C5)
         w = w / w.mean(1, keepdim=True)
     all_wrong = r.amax(1, keepdim=True) <= 0                                             # (B, 1)

@@ -956,7 +956,7 @@ def expect_user_error(argv, capsys, *words):
     (["--lr", "0"], ["--lr must be > 0"]),
     (["--beta", "-0.1"], ["--beta must be >= 0"]),
     (["--max-resample", "0"], ["--max-resample must be >= 1"]),
-    (["--algo", "grpo", "--calibration", "symmetric"], ["--calibration", "do nothing under --algo grpo"]),
+    (["--algo", "grpo", "--calibration", "symmetric"], ["--calibration", "does nothing under --algo grpo"]),
     (["--algo", "dapo", "--nsr", "off", "--lambda-min", "0.5"], ["--lambda-min, --nsr", "--algo egpo"]),
 ])
 def test_bad_flags_give_a_one_line_error(argv, words, capsys, tmp_path):
