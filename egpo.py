@@ -477,7 +477,7 @@ def load_policy(cfg: Config, device: torch.device):
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA over fp32 weights (as TRL's bf16=True): a 1e-6 update is below
     bf16's resolution, so the weights themselves stay fp32. --bf16 is off by default for the tiny
-    model: bf16 costs its warm-up 16 points of accuracy (README, "On a GPU")."""
+    model, whose warm-up lost accuracy under bf16 in an earlier check (README, "On a GPU")."""
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -839,15 +839,19 @@ def rl_step(model, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
     n, n_response = ids.shape[0], mask.shape[1]
     chunks = micro_batches(n, cfg)
     # old policy = the sampler; same function and chunks as the update below: first ratio = 1
-    old = frozen_logprobs(model, ids, attn, n_response, cfg, with_entropy=cfg.algo == "edge-grpo")
-    old, token_entropy = old if cfg.algo == "edge-grpo" else (old, None)                 # (N, T)
+    if cfg.algo == "edge-grpo":  # also the full-distribution token entropies, from the same forward
+        old, token_entropy = frozen_logprobs(model, ids, attn, n_response, cfg, with_entropy=True)  # (N, T) x 2
+    else:
+        old = frozen_logprobs(model, ids, attn, n_response, cfg)                         # (N, T)
     ref = frozen_logprobs(ref_model, ids, attn, n_response, cfg) if ref_model is not None else None
     entropy = sequence_entropy(old, batch["entropy_mask"])                               # (N,)   Eq. 5
     adv = grpo_advantages(rewards, G)                                                    # (N,)   Eq. 2
     if cfg.algo == "egpo":                                                               #        Eqs. 7-11, 13
         adv_hat = egpo_advantages(rewards, entropy, G, calibration=cfg.calibration, lambda_min=cfg.lambda_min,
                                   lambda_max=cfg.lambda_max, nsr=cfg.nsr, renorm=cfg.renorm)
-    elif cfg.algo == "edge-grpo":  # as the EGPO authors ran it: mean full-distribution token entropy
+    elif cfg.algo == "edge-grpo":
+        # EDGE-GRPO, a baseline of Table 1: w = clip(Pbar / (P + 1e-6), 0.5, 2.0) for every response,
+        # P the mean full-distribution token entropy, no NSR: the arithmetic of a symmetric clamp
         p = (token_entropy * mask).sum(1) / mask.sum(1)                                  # (N,)   P_i
         adv_hat = egpo_advantages(rewards, p, G, calibration="symmetric", lambda_min=0.5, lambda_max=2.0,
                                   nsr="off", eps_h=1e-6)
@@ -929,9 +933,9 @@ def train(cfg: Config) -> dict:
     """The whole run: model, data, warm-up, RL with logging and checkpoints, summary."""
     device = torch.device(cfg.device)
     if cfg.model == "tiny" and device.type == "cpu":
-        # One thread: the 0.14M-parameter model gains little from more (32.6 s against 29.9 s on
-        # 2 cores), and the sum order of a reduction depends on the thread count. The tiny demo
-        # thus prints the same numbers whatever the number of cores.
+        # One thread: the 0.14M-parameter model gains little from more, and the sum order of a
+        # reduction depends on the thread count. The tiny demo thus prints the same numbers
+        # whatever the number of cores.
         torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
