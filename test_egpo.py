@@ -913,7 +913,8 @@ def test_ctrl_c_saves_the_checkpoint_and_the_metrics_so_far(tmp_path):
 
     proc = subprocess.Popen([sys.executable, str(HERE / "egpo.py"), "--steps", "100000", "--sft-steps", "0",
                              "--eval-size", "0", "--out", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # Ctrl-C's default, even where a shell ignores it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.2)
