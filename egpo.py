@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import signal
 import string
 import sys
 import time
@@ -92,6 +93,8 @@ class Config:
     micro_batch_size: int = flag(None, "responses per forward/backward; gradients accumulate "
                                        "[auto: whole batch for tiny, 8 for real models]")
     gradient_checkpointing: bool = flag(False, "trade compute for memory in the update (real models)")
+    fsdp: bool = flag(False, "under torchrun, shard parameters, gradients and optimizer state over the "
+                             "processes (FSDP2) instead of a full copy each (DDP)")
     bf16: bool = flag(None, "on CUDA, bf16 autocast over fp32 weights (TRL: bf16=True); --no-bf16 = fp32 "
                             "[auto: on for real models, off for tiny]")
     # --- tiny model and toy task
@@ -442,7 +445,7 @@ def build_tiny_model(seed: int):
 
 
 def load_policy(cfg: Config, device: torch.device):
-    """(model, tokenizer) on `device`, weights in fp32, left padding, and a generation config
+    """(Policy(model), tokenizer) on `device`, weights in fp32, left padding, and a generation config
     that holds only token ids (eos, and the chat template's end of turn), so sampling is exactly
     temperature + top-p and stops where the model's answer ends."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -471,7 +474,7 @@ def load_policy(cfg: Config, device: torch.device):
                                                bos_token_id=model.generation_config.bos_token_id)
     if cfg.gradient_checkpointing:  # transformers < 5.24 names it gradient_checkpointing_enable
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    return model.to(device), tokenizer
+    return Policy(model).to(device), tokenizer
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -491,24 +494,128 @@ def context_length(model, tokenizer) -> int:
 # ====================================================================================
 # 4. Sampling and token log-probs
 # ====================================================================================
+LOGIT_CHUNK = 1024  # positions whose fp32 logits exist at once: 1024 x 151,936 vocab x 4 B = 0.6 GB
+
+
+class Policy(torch.nn.Module):
+    """The causal LM `lm` behind the one forward that DDP and FSDP wrap (their hooks run on a
+    module's forward). It runs the LM's body, then its output layer in fp32 (also under bf16
+    autocast: bf16 logits put up to 0.06 nats of error into each log-prob) on the positions
+    that are needed only, never on the whole (N, L, vocab):
+    - targets (N, T) given: log pi(target) at the last T positions, from logits / T computed
+      LOGIT_CHUNK positions at a time; under autograd each chunk's logits are recomputed in
+      the backward pass instead of kept (token_logprobs, the update);
+    - else: the last position's logits / T and the KV cache to continue from (the sampler).
+    The output layer must be a plain linear map, as in Qwen, Llama, Mistral and most LMs."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, position_ids, temperature: float, targets=None, cache=None):
+        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 cache=cache, use_cache=targets is None)
+        hidden, head = out.last_hidden_state, self.lm.get_output_embeddings().weight     # (N, L, d), (V, d)
+        if targets is None:
+            return fp32_logits(hidden[:, -1], head, temperature), out.cache               # (N, V)
+        hidden = hidden[:, -targets.shape[1] - 1:-1].flatten(0, 1)                       # (N*T, d)
+        flat, parts = targets.flatten(), []
+        for i in range(0, len(flat), LOGIT_CHUNK):
+            chunk = (hidden[i:i + LOGIT_CHUNK], head, flat[i:i + LOGIT_CHUNK], temperature)
+            parts.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, *chunk, use_reentrant=False)
+                         if torch.is_grad_enabled() else chunk_logprobs(*chunk))
+        return torch.cat(parts).view(targets.shape)                                      # (N, T)
+
+
+def fp32_logits(hidden, head, temperature: float):
+    with torch.autocast(hidden.device.type, enabled=False):
+        return (hidden.float() / temperature) @ head.float().T                           # (n, V)
+
+
+def chunk_logprobs(hidden, head, targets, temperature: float):
+    logits = fp32_logits(hidden, head, temperature)                                      # (n, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)        # (n,)
+
+
+def token_logprobs(policy, input_ids, attention_mask, n_response: int, temperature: float, bf16: bool = False):
+    """log pi(o_t | q, o_<t) of the last `n_response` tokens, from raw logits / T (never from
+    top-p-filtered ones): the update's forward, and the sampler's numbers recomputed."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() does for left padding
+    with autocast(input_ids.device, bf16):
+        return policy(input_ids, attention_mask, position_ids, temperature, targets=input_ids[:, -n_response:])
+
+
+def pick(probs: torch.Tensor, u: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Inverse-CDF sampling: for each row, the first token at which the cumulative probability
+    passes u * (the kept mass), u uniform in [0, 1). top_k > 0 keeps the k likeliest tokens, then
+    top_p < 1 the likeliest ones whose mass before them is < top_p (transformers' order and rule)."""
+    order = None
+    if top_k > 0 or top_p < 1:
+        probs, order = probs.sort(-1, descending=True)                                   # (N, V)
+        if top_k > 0:
+            probs = torch.where(torch.arange(probs.shape[-1], device=probs.device) < top_k, probs, 0.0)
+        before = probs.cumsum(-1) - probs
+        probs = torch.where(before < top_p * probs.sum(-1, keepdim=True), probs, 0.0)
+    cdf = probs.cumsum(-1)
+    index = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=probs.shape[-1] - 1)
+    return (index if order is None else order.gather(-1, index)).squeeze(-1)             # (N,)
+
+
 @torch.no_grad()
-def rollout(model, tokenizer, prompts: list[list[int]], golds: list[str], n: int, cfg: Config,
-            greedy: bool = False) -> dict:
+def sample(policy, input_ids, attention_mask, stop_ids: list[int], pad_id: int, max_new_tokens: int, *,
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, noise=None, bf16: bool = False):
+    """The sampler of Algorithm 1: one forward over the left-padded prompts (prefill), then one
+    token per forward, reusing the keys and values of the earlier positions (KV cache).
+    noise None: greedy. Else noise[:, t] (uniforms in [0, 1)) picks token t by `pick` from
+    softmax(logits / T): a row's sample depends on its own noise only, so one process or N
+    sample the same. A row stops after its first token in `stop_ids` (pad_id after it); the
+    loop ends when every row has stopped. Returns, each (N, T):
+    - response: the sampled tokens;
+    - logprobs: log pi(o_t) under softmax(logits / T), the numbers token_logprobs recomputes
+      (the paper: the log-probs "are already computed during rollout generation");
+    - token_entropy: the full distribution's entropy -sum_v p_v log p_v (EDGE-GRPO)."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    stop = torch.tensor(stop_ids, device=input_ids.device)
+    done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    x, cache, tokens, logprobs, entropies = input_ids, None, [], [], []
+    for t in range(max_new_tokens):
+        with autocast(input_ids.device, bf16):
+            logits, cache = policy(x, attention_mask, position_ids, temperature, cache=cache)   # (N, V)
+        log_p = logits.log_softmax(-1)
+        p = log_p.exp()
+        token = logits.argmax(-1) if noise is None else pick(p, noise[:, t], top_p, top_k)
+        token = token.masked_fill(done, pad_id)                                          # (N,)
+        tokens.append(token)
+        logprobs.append(log_p.gather(-1, token[:, None]).squeeze(-1))
+        entropies.append(-(p * log_p).sum(-1))
+        done |= torch.isin(token, stop)
+        if done.all():
+            break
+        x, position_ids = token[:, None], position_ids[:, -1:] + 1
+        attention_mask = torch.cat([attention_mask, torch.ones_like(x)], 1)
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(entropies, 1)
+
+
+@torch.no_grad()
+def rollout(policy, tokenizer, prompts: list[list[int]], golds: list[str], n: int, cfg: Config,
+            greedy: bool = False, noise=None) -> dict:
     """Generate `n` responses per prompt and verify them. Rows k*n .. k*n+n-1 belong to
-    prompt k. Returns input_ids (prompt + response), attention_mask, response_mask
-    (response tokens up to and including the stop token), entropy_mask (Eq. 5's span S_i),
-    truncated (no stop token within --max-new-tokens), rewards, texts, prompts (text)."""
-    device = next(model.parameters()).device
+    prompt k. `noise` (P*n, --max-new-tokens) drives the sampling (drawn here if not given).
+    Returns input_ids (prompt + response), attention_mask, response_mask (response tokens up
+    to and including the stop token), entropy_mask (Eq. 5's span S_i), truncated (no stop
+    token within --max-new-tokens), the sampler's logprobs and token_entropy, rewards, texts,
+    prompts (text)."""
+    device = next(policy.parameters()).device
     batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(device)
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature,
-                                                         top_p=cfg.top_p, top_k=0)
-    model.eval()
-    with autocast(device, cfg.bf16):
-        seqs = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, num_return_sequences=n,
-                              **sampling)                                                       # (P*n, L)
-    n_prompt = batch["input_ids"].shape[1]
-    response = seqs[:, n_prompt:]                                                               # (P*n, T)
-    stop_ids = model.generation_config.eos_token_id
+    ids, attn = batch["input_ids"].repeat_interleave(n, 0), batch["attention_mask"].repeat_interleave(n, 0)
+    if not greedy and noise is None:
+        noise = torch.rand(len(ids), cfg.max_new_tokens)
+    stop_ids = unwrap(policy).lm.generation_config.eos_token_id
+    policy.eval()
+    with full_weights(policy) as sampler:
+        response, logprobs, token_entropy = sample(
+            sampler, ids, attn, stop_ids, tokenizer.pad_token_id, cfg.max_new_tokens, temperature=cfg.temperature,
+            top_p=cfg.top_p, noise=None if greedy else noise.to(device), bf16=cfg.bf16)      # (P*n, T) x 3
     response_mask = eos_mask(response, stop_ids)                                                # (P*n, T)
     entropy_mask = response_mask
     if cfg.entropy_span == "answer":
@@ -517,11 +624,10 @@ def rollout(model, tokenizer, prompts: list[list[int]], golds: list[str], n: int
     texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(response, response_mask)]
     golds = [g for g in golds for _ in range(n)]
     rewards = torch.tensor([verify(t, g) for t, g in zip(texts, golds)], device=device)
-    attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(n, 0), torch.ones_like(response)], 1)
     truncated = ~torch.isin(response, torch.tensor(stop_ids, device=device)).any(1)          # (P*n,)
-    return {"input_ids": seqs, "attention_mask": attention_mask, "response_mask": response_mask,
-            "entropy_mask": entropy_mask, "truncated": truncated,
-            "rewards": rewards, "texts": texts,
+    return {"input_ids": torch.cat([ids, response], 1), "attention_mask": torch.cat([attn, torch.ones_like(response)], 1),
+            "response_mask": response_mask, "entropy_mask": entropy_mask, "truncated": truncated,
+            "logprobs": logprobs, "token_entropy": token_entropy, "rewards": rewards, "texts": texts,
             "prompts": [p for p in tokenizer.batch_decode(prompts, skip_special_tokens=True) for _ in range(n)]}
 
 
@@ -545,34 +651,18 @@ def cat_rollouts(parts: list[dict], keep: list[torch.Tensor], pad_id: int) -> di
         for part, k, p, t in zip(parts, keep, n_prompt, n_resp):
             x = part[key][k]
             left = P - p if x.shape[1] > t else 0  # input_ids and attention_mask hold the prompt too
-            rows.append(torch.nn.functional.pad(x.long(), (left, T - t), value=value).to(x.dtype))
+            x = x if x.is_floating_point() else x.long()  # pad() takes no bool
+            rows.append(torch.nn.functional.pad(x, (left, T - t), value=value).to(part[key].dtype))
         return torch.cat(rows)
 
     out = {key: stack(key, value) for key, value in
-           [("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0), ("entropy_mask", 0)]}
+           [("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0), ("entropy_mask", 0),
+            ("logprobs", 0.0), ("token_entropy", 0.0)]}
     for key in ("rewards", "truncated"):
         out[key] = torch.cat([part[key][k] for part, k in zip(parts, keep)])
     for key in ("texts", "prompts"):
         out[key] = [x for part, k in zip(parts, keep) for x, kept in zip(part[key], k.tolist()) if kept]
     return out
-
-
-def token_logprobs(model, input_ids, attention_mask, n_response: int, temperature: float, bf16: bool = False,
-                   with_entropy: bool = False):
-    """log pi(o_t | q, o_<t) of the last `n_response` tokens, from raw logits / T (never from
-    top-p-filtered scores): the same numbers for the old policy and the training forward.
-    with_entropy: also each position's full-distribution entropy -sum_v p_v log p_v (EDGE-GRPO)."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() does for left padding
-    with autocast(input_ids.device, bf16):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       logits_to_keep=n_response + 1, use_cache=False).logits[:, :-1]    # (N, T, V)
-    logits = logits.float() / temperature
-    targets = input_ids[:, -n_response:].unsqueeze(-1)                                   # (N, T, 1)
-    logprobs = logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)             # (N, T)
-    if not with_entropy:
-        return logprobs
-    log_p = logits.log_softmax(-1)
-    return logprobs, -(log_p.exp() * log_p).sum(-1)                                      # (N, T), (N, T)
 
 
 # ====================================================================================
@@ -752,19 +842,126 @@ def calibration_metrics(rewards, entropy, adv, adv_hat, group_size: int) -> dict
 
 
 # ====================================================================================
-# 9. Training: warm-up, one RL step, evaluation, the loop
+# 9. More than one process (torchrun): data parallel (DDP) or sharded (FSDP2)
 # ====================================================================================
-def sft_warmup(model, tokenizer, rows: list, prompts: list, cfg: Config, rng: random.Random) -> int:
+def world() -> tuple[int, int]:
+    """(this process's rank, number of processes); (0, 1) without torchrun."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_sum(x, device) -> torch.Tensor:
+    """x summed over the processes (x itself with one), as a float64 tensor."""
+    x = torch.as_tensor(x, dtype=torch.float64, device=device)
+    if world()[1] > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def all_gather(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor concatenated over the processes, rank 0's rows first (the same rows and order
+    as one process running the whole batch)."""
+    if world()[1] == 1:
+        return list(tensors)
+    parts = [None] * world()[1]
+    torch.distributed.all_gather_object(parts, [x.cpu() for x in tensors])
+    return [torch.cat(xs).to(x.device) for xs, x in zip(zip(*parts), tensors)]
+
+
+def init_distributed(cfg: Config) -> torch.device:
+    """Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK): join the process group, one GPU
+    per process (NCCL) or CPU processes (gloo). Alone: cfg.device."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        if cfg.fsdp:
+            raise UserError("--fsdp shards the model over several processes: run it with "
+                            "torchrun --nproc_per_node N egpo.py --fsdp ...")
+        return torch.device(cfg.device)
+    if cfg.prompts_per_step % world_size:
+        raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {world_size} "
+                        "processes: each takes whole groups")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cfg.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def parallelize(policy: Policy, cfg: Config):
+    """Under torchrun: rank 0's weights on every process, then DDP (a full copy per process,
+    gradients averaged by all-reduce) or, with --fsdp, FSDP2's fully_shard (parameters, gradients
+    and optimizer state split across the processes, each decoder layer gathered only while it runs)."""
+    if world()[1] == 1:
+        return policy
+    for x in policy.state_dict().values():
+        torch.distributed.broadcast(x, 0)
+    device = next(policy.parameters()).device
+    if not cfg.fsdp:
+        return torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    for module in policy.modules():
+        if type(module).__name__ in (policy.lm._no_split_modules or []):  # the decoder layers
+            fully_shard(module)
+    return fully_shard(policy)
+
+
+def unwrap(policy) -> Policy:
+    return policy.module if isinstance(policy, torch.nn.parallel.DistributedDataParallel) else policy
+
+
+@contextlib.contextmanager
+def full_weights(policy):
+    """The module to sample with. DDP: the module inside (its own forward would sync buffers at
+    every token). FSDP: the policy with all its weights gathered once for the whole generation,
+    so that no decode step waits for the other processes (they stop at different lengths)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(policy, FSDPModule):
+        yield unwrap(policy)
+        return
+    sharded = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    policy.set_reshard_after_forward(False)
+    for m in sharded:
+        m.unshard()
+    try:
+        yield policy
+    finally:
+        for m in sharded:
+            m.reshard()
+        policy.set_reshard_after_forward(True)
+
+
+def save_checkpoint(policy, tokenizer, out: str):
+    """checkpoint/ with save_pretrained, written by rank 0; under FSDP every process first sends
+    its shards (a collective: all processes call this)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    state = None
+    if isinstance(policy, FSDPModule):
+        state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = {k.removeprefix("lm."): v for k, v in state.items()}
+    if world()[0] == 0:
+        unwrap(policy).lm.save_pretrained(os.path.join(out, "checkpoint"), state_dict=state)
+        tokenizer.save_pretrained(os.path.join(out, "checkpoint"))
+
+
+# ====================================================================================
+# 10. Training: warm-up, one RL step, evaluation, the loop
+# ====================================================================================
+def sft_warmup(policy: Policy, tokenizer, rows: list, prompts: list, cfg: Config, rng: random.Random) -> int:
     """Supervised warm-up on worked solutions (prompt tokens masked), so that RL starts from a
     model that gets some answers right. Every 10 steps it checks greedy accuracy on 64 training
     problems and stops once that reaches --sft-target. The toy task is learnt in a sharp step:
     a fixed number of steps lands anywhere on that step depending on the CPU's rounding, while
     a target lands at the same accuracy on any machine. Returns the number of steps taken."""
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    device = next(policy.parameters()).device
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr)
     check = rng.sample(range(len(rows)), min(64, len(rows)))
-    model.train()
-    for step in tqdm(range(1, cfg.sft_steps + 1), desc="warm-up (SFT)", leave=False):
+    policy.train()
+    for step in tqdm(range(1, cfg.sft_steps + 1), desc="warm-up (SFT)", leave=False, disable=world()[0] > 0):
         picks = rng.sample(range(len(rows)), min(cfg.sft_batch_size, len(rows)))
         seqs, labels = [], []
         for i in picks:
@@ -772,17 +969,17 @@ def sft_warmup(model, tokenizer, rows: list, prompts: list, cfg: Config, rng: ra
             seqs.append(prompts[i] + target)
             labels.append([-100] * len(prompts[i]) + target)
         with autocast(device, cfg.bf16):
-            loss = model(input_ids=pad_right(seqs, tokenizer.pad_token_id, device),
-                         attention_mask=pad_right([[1] * len(x) for x in seqs], 0, device),
-                         labels=pad_right(labels, -100, device), use_cache=False).loss
+            loss = policy.lm(input_ids=pad_right(seqs, tokenizer.pad_token_id, device),
+                             attention_mask=pad_right([[1] * len(x) for x in seqs], 0, device),
+                             labels=pad_right(labels, -100, device), use_cache=False).loss
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
         if cfg.sft_target and step % 10 == 0:
-            batch = rollout(model, tokenizer, [prompts[i] for i in check], [rows[i]["answer"] for i in check], 1,
+            batch = rollout(policy, tokenizer, [prompts[i] for i in check], [rows[i]["answer"] for i in check], 1,
                             cfg, greedy=True)
-            model.train()
+            policy.train()
             if batch["rewards"].mean() >= cfg.sft_target:
                 return step
     return cfg.sft_steps
@@ -800,87 +997,95 @@ def micro_batches(n: int, cfg: Config) -> list[slice]:
 
 
 @torch.no_grad()
-def frozen_logprobs(model, input_ids, attention_mask, n_response: int, cfg: Config, with_entropy: bool = False):
+def frozen_logprobs(policy, input_ids, attention_mask, n_response: int, cfg: Config):
     """token_logprobs without gradients, over the same micro-batches as the update: the old
-    policy's (and EDGE-GRPO's token entropies), the reference's, and the evaluation's."""
-    parts = [token_logprobs(model, input_ids[s], attention_mask[s], n_response, cfg.temperature, cfg.bf16,
-                            with_entropy) for s in micro_batches(len(input_ids), cfg)]
-    return tuple(map(torch.cat, zip(*parts))) if with_entropy else torch.cat(parts)      # (N, T)
+    policy's when --mu > 1, and the reference model's."""
+    return torch.cat([token_logprobs(policy, input_ids[s], attention_mask[s], n_response, cfg.temperature, cfg.bf16)
+                      for s in micro_batches(len(input_ids), cfg)])                      # (N, T)
 
 
-def sample_batch(model, tokenizer, draw, cfg: Config) -> dict:
-    """Roll out G responses for each of the B prompts that draw() returns, and verify them
-    (Algorithm 1's sampling). --algo dapo adds DAPO's dynamic sampling: groups whose rewards
-    are all equal carry no GRPO signal and are dropped, and more prompts are drawn until B
-    mixed groups are in hand (at most --max-resample rounds; if none is mixed by then, the last
-    round is kept as it is)."""
-    t0 = time.perf_counter()
-    parts, keep, n_mixed = [], [], 0
-    for _ in range(cfg.max_resample if cfg.algo == "dapo" else 1):
-        batch = rollout(model, tokenizer, *draw(), cfg.group_size, cfg)
-        mixed = batch["rewards"].view(-1, cfg.group_size).std(1) > 0                     # (B,)
-        mixed &= mixed.cumsum(0) <= cfg.prompts_per_step - n_mixed  # no more than the batch needs
-        parts.append(batch)
-        keep.append(mixed.repeat_interleave(cfg.group_size))
-        n_mixed += int(mixed.sum())
-        if n_mixed == cfg.prompts_per_step:
-            break
+def sample_batch(policy, tokenizer, draw, cfg: Config) -> dict:
+    """Roll out G responses for each prompt that draw() returns (with its gold answers and
+    sampling noise), and verify them (Algorithm 1's sampling). --algo dapo adds DAPO's dynamic
+    sampling: groups whose rewards are all equal carry no GRPO signal and are dropped, and more
+    prompts are drawn until the batch is full of mixed groups (at most --max-resample rounds; if
+    none is mixed by then, the last round is kept as it is). Under torchrun every process draws
+    the same number of rounds, and a batch short of mixed groups is topped up with the last
+    round's uniform ones (advantage 0), so that every process holds the same number of rows."""
+    t0, G = time.perf_counter(), cfg.group_size
+    parts, keep, n_mixed, b = [], [], 0, 0
+    with full_weights(policy) as sampler:
+        for _ in range(cfg.max_resample if cfg.algo == "dapo" else 1):
+            prompts, golds, noise = draw()
+            b = len(prompts)  # this process's share of --prompts-per-step
+            batch = rollout(sampler, tokenizer, prompts, golds, G, cfg, noise=noise)
+            mixed = batch["rewards"].view(-1, G).std(1) > 0                              # (b,)
+            mixed &= mixed.cumsum(0) <= b - n_mixed  # no more than the batch needs
+            parts.append(batch)
+            keep.append(mixed.repeat_interleave(G))
+            n_mixed += int(mixed.sum())
+            if all_sum(n_mixed < b, batch["rewards"].device) == 0:  # full on every process
+                break
+    if cfg.algo == "dapo" and world()[1] > 1 and 0 < n_mixed < b:
+        uniform = ~keep[-1].view(-1, G)[:, 0]
+        keep[-1] |= (uniform & (uniform.cumsum(0) <= b - n_mixed)).repeat_interleave(G)
     if cfg.algo == "dapo" and n_mixed:
         batch = cat_rollouts(parts, keep, tokenizer.pad_token_id)
-    return {**batch, "time_sample": time.perf_counter() - t0, "groups_sampled": len(parts) * cfg.prompts_per_step}
+    return {**batch, "time_sample": time.perf_counter() - t0, "groups_sampled": len(parts) * b}
 
 
-def rl_step(model, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
-    """One update on a sampled batch (the rest of Algorithm 1): old log-probs, entropy proxy,
-    advantages, then `mu` PPO-clip optimizer steps. Returns the step's metrics."""
+def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
+    """One update on a sampled batch (the rest of Algorithm 1): entropy proxy, advantages, then
+    `mu` PPO-clip optimizer steps. Returns the step's metrics (over all processes)."""
     t0 = time.perf_counter()
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     rewards, G = batch["rewards"], cfg.group_size
-    n, n_response = ids.shape[0], mask.shape[1]
+    n, n_response, world_size = ids.shape[0], mask.shape[1], world()[1]
     chunks = micro_batches(n, cfg)
-    # old policy = the sampler; same function and chunks as the update below: first ratio = 1
-    if cfg.algo == "edge-grpo":  # also the full-distribution token entropies, from the same forward
-        old, token_entropy = frozen_logprobs(model, ids, attn, n_response, cfg, with_entropy=True)  # (N, T) x 2
-    else:
-        old = frozen_logprobs(model, ids, attn, n_response, cfg)                         # (N, T)
+    # The old policy is the sampler: with one epoch (mu = 1) the update's own forward, detached,
+    # is pi_old (the first ratio is exactly 1, as in TRL); with more, its log-probs recomputed once.
+    old = frozen_logprobs(policy, ids, attn, n_response, cfg) if cfg.mu > 1 else None  # (N, T)
     ref = frozen_logprobs(ref_model, ids, attn, n_response, cfg) if ref_model is not None else None
-    entropy = sequence_entropy(old, batch["entropy_mask"])                               # (N,)   Eq. 5
+    entropy = sequence_entropy(batch["logprobs"], batch["entropy_mask"])                 # (N,)   Eq. 5
     adv = grpo_advantages(rewards, G)                                                    # (N,)   Eq. 2
     if cfg.algo == "egpo":                                                               #        Eqs. 7-11, 13
         adv_hat = egpo_advantages(rewards, entropy, G, calibration=cfg.calibration, lambda_min=cfg.lambda_min,
                                   lambda_max=cfg.lambda_max, nsr=cfg.nsr, renorm=cfg.renorm)
     elif cfg.algo == "edge-grpo":
         # EDGE-GRPO, a baseline of Table 1: w = clip(Pbar / (P + 1e-6), 0.5, 2.0) for every response,
-        # P the mean full-distribution token entropy, no NSR: the arithmetic of a symmetric clamp
-        p = (token_entropy * mask).sum(1) / mask.sum(1)                                  # (N,)   P_i
+        # P the mean full-distribution token entropy (the sampler's), no NSR: a symmetric clamp
+        p = (batch["token_entropy"] * mask).sum(1) / mask.sum(1)                         # (N,)   P_i
         adv_hat = egpo_advantages(rewards, p, G, calibration="symmetric", lambda_min=0.5, lambda_max=2.0,
                                   nsr="off", eps_h=1e-6)
     else:  # grpo, dapo
         adv_hat = adv
 
-    # Each chunk's loss is weighted by its share of the batch's tokens (or responses), so the
-    # accumulated gradient equals that of the whole batch under either aggregation.
-    total = mask.sum() if cfg.loss_agg == "token-mean" else n
+    # Each chunk's loss is weighted by its share of the tokens (or responses) of the whole batch,
+    # over all processes, so the accumulated gradient is that of the whole batch under either
+    # aggregation; DDP and FSDP average the processes' gradients, hence the factor world_size.
+    n_tokens = all_sum(mask.sum(), ids.device)
+    total = n_tokens if cfg.loss_agg == "token-mean" else all_sum(n, ids.device)
     logs = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
-    model.train()
+    policy.train()
     for _ in range(cfg.mu):
         optimizer.zero_grad()
         for s in chunks:
-            logprobs = token_logprobs(model, ids[s], attn[s], n_response, cfg.temperature, cfg.bf16)
-            loss, stats = policy_loss(logprobs, old[s], adv_hat[s], mask[s],                    # Eq. 12
-                                      clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+            logprobs = token_logprobs(policy, ids[s], attn[s], n_response, cfg.temperature, cfg.bf16)
+            loss, stats = policy_loss(logprobs, logprobs.detach() if old is None else old[s], adv_hat[s], mask[s],
+                                      clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,  # Eq. 12
                                       ref_logprobs=None if ref is None else ref[s], beta=cfg.beta,
                                       loss_agg=cfg.loss_agg)
             share = (mask[s].sum() if cfg.loss_agg == "token-mean" else s.stop - s.start) / total
-            (loss * share).backward()
+            (loss * share * world_size).backward()
             logs["loss"] += loss.item() * float(share) / cfg.mu
             for k in ("kl", "clip_frac"):
-                logs[k] += stats[k] * float(mask[s].sum() / mask.sum()) / cfg.mu
-        logs["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item() / cfg.mu
+                logs[k] += stats[k] * float(mask[s].sum() / n_tokens) / cfg.mu
+        logs["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)) / cfg.mu
         optimizer.step()
     time_update = time.perf_counter() - t0
 
-    n_tokens = int(mask.sum())
+    for k in ("loss", "kl", "clip_frac"):
+        logs[k] = all_sum(logs[k], ids.device).item()
     if ids.is_cuda:
         logs["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(ids.device) / 2 ** 30
     if cfg.log_completions:  # train() moves these to completions.jsonl
@@ -888,64 +1093,61 @@ def rl_step(model, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
         logs["completions"] = [
             {"group": i // G, "prompt": prompt, "completion": text, "reward": r, "entropy": h, "advantage": a,
              "egpo_advantage": a_hat} for i, (prompt, text, r, h, a, a_hat) in enumerate(columns)]
+    rewards, entropy, adv, adv_hat, truncated = all_gather(rewards, entropy, adv, adv_hat, batch["truncated"])
     return {**calibration_metrics(rewards, entropy, adv, adv_hat, G), **logs,
-            "completion_len": n_tokens / n, "truncated_frac": batch["truncated"].float().mean().item(),
-            "groups_sampled": batch["groups_sampled"], "time_sample": batch["time_sample"],
-            "time_update": time_update, "tokens_per_s": n_tokens / batch["time_sample"]}
+            "completion_len": n_tokens.item() / len(rewards), "truncated_frac": truncated.float().mean().item(),
+            "groups_sampled": int(all_sum(batch["groups_sampled"], ids.device)), "time_sample": batch["time_sample"],
+            "time_update": time_update, "tokens_per_s": n_tokens.item() / batch["time_sample"]}
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
+def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
     """Held-out accuracy, greedy and sampled (one sample per problem at --temperature); on the
     samples, the AUROC of -H as a predictor of correctness and the mean H of right and wrong
-    ones. The RNG state is saved and restored, so a run is the same whatever its evaluation schedule."""
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    ones. The sampling noise comes from its own generator, seeded by --seed: every evaluation of
+    a run sees the same noise, and the training's is untouched. Under torchrun each process
+    evaluates a contiguous share of the problems, and the results are gathered."""
+    rank, world_size = world()
+    noise = torch.rand(len(prompts), cfg.max_new_tokens, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    lo, hi = rank * len(prompts) // world_size, (rank + 1) * len(prompts) // world_size
     chunk = cfg.prompts_per_step * cfg.group_size
-    greedy, sampled, entropy = [], [], []
-    try:
-        for i in tqdm(range(0, len(prompts), chunk), desc="held-out eval", leave=False):
-            p, g = prompts[i:i + chunk], golds[i:i + chunk]
-            greedy.append(rollout(model, tokenizer, p, g, 1, cfg, greedy=True)["rewards"])
-            batch = rollout(model, tokenizer, p, g, 1, cfg)
-            n_response = batch["response_mask"].shape[1]
-            lp = frozen_logprobs(model, batch["input_ids"], batch["attention_mask"], n_response, cfg)
+    device = next(policy.parameters()).device
+    greedy, sampled, entropy = [torch.zeros(0, device=device)], [torch.zeros(0, device=device)], \
+        [torch.zeros(0, device=device)]
+    with full_weights(policy) as sampler:
+        for i in tqdm(range(lo, hi, chunk), desc="held-out eval", leave=False, disable=rank > 0):
+            p, g = prompts[i:min(i + chunk, hi)], golds[i:min(i + chunk, hi)]
+            greedy.append(rollout(sampler, tokenizer, p, g, 1, cfg, greedy=True)["rewards"])
+            batch = rollout(sampler, tokenizer, p, g, 1, cfg, noise=noise[i:i + len(p)])
             sampled.append(batch["rewards"])
-            entropy.append(sequence_entropy(lp, batch["entropy_mask"]))
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state_all(cuda_state)
-    sampled_r, entropy = torch.cat(sampled), torch.cat(entropy)
+            entropy.append(sequence_entropy(batch["logprobs"], batch["entropy_mask"]))
+    greedy, sampled_r, entropy = all_gather(*map(torch.cat, (greedy, sampled, entropy)))
     valid, correct = ~entropy.isnan(), sampled_r > 0
-    return {"eval_acc": torch.cat(greedy).mean().item(), "eval_acc_sampled": sampled_r.mean().item(),
+    return {"eval_acc": greedy.mean().item(), "eval_acc_sampled": sampled_r.mean().item(),
             "eval_auroc": auroc(-entropy[valid], sampled_r[valid]), "eval_entropy": entropy.nanmean().item(),
             "eval_entropy_correct": entropy[correct].nanmean().item(),      # paper Section 4.4: the gap between
             "eval_entropy_incorrect": entropy[~correct].nanmean().item()}  # these two (NaN if a class is empty)
 
 
-def save_checkpoint(model, tokenizer, out: str):
-    model.save_pretrained(os.path.join(out, "checkpoint"))
-    tokenizer.save_pretrained(os.path.join(out, "checkpoint"))
-
-
 def train(cfg: Config) -> dict:
-    """The whole run: model, data, warm-up, RL with logging and checkpoints, summary."""
-    device = torch.device(cfg.device)
+    """The whole run: model, data, warm-up, RL with logging and checkpoints, summary. Under
+    torchrun every process runs this; rank 0 alone prints and writes files."""
+    device = init_distributed(cfg)
+    rank, world_size = world()
     if cfg.model == "tiny" and device.type == "cpu":
         # One thread: the 0.14M-parameter model gains little from more, and the sum order of a
         # reduction depends on the thread count. The tiny demo thus prints the same numbers
         # whatever the number of cores.
         torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    model, tokenizer = load_policy(cfg, device)
+    rng, noise_rng = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    policy, tokenizer = load_policy(cfg, device)
     train_rows, test_rows = load_rows(cfg)
     if not train_rows:
         raise UserError(f"no training problems left after holding out --eval-size {cfg.eval_size}: lower it")
     train_prompts = [build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking) for r in train_rows]
     test_prompts = [build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking) for r in test_rows]
-    limit, longest = context_length(model, tokenizer), max(map(len, train_prompts + test_prompts))
+    limit, longest = context_length(policy.lm, tokenizer), max(map(len, train_prompts + test_prompts))
     if longest + cfg.max_new_tokens > limit:
         raise UserError(f"a prompt is {longest} tokens; with --max-new-tokens {cfg.max_new_tokens} that exceeds "
                         f"the model's context of {limit}: use shorter questions or lower --max-new-tokens")
@@ -954,38 +1156,50 @@ def train(cfg: Config) -> dict:
 
     cfg.out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.algo}-"
                                       + os.path.basename(cfg.model.rstrip("/")))
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(cfg), "torch": torch.__version__, "command": " ".join(sys.argv)}, f, indent=2)
-    method = f"egpo (calibration {cfg.calibration}, nsr {cfg.nsr}, renorm {cfg.renorm})" if cfg.algo == "egpo" \
-        else cfg.algo
-    print(f"egpo: {method} on {cfg.model} / {cfg.dataset}, {device}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(train_rows)} train / {len(test_rows)} held-out problems -> {cfg.out}")
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump({**dataclasses.asdict(cfg), "world_size": world_size, "torch": torch.__version__,
+                       "command": " ".join(sys.argv)}, f, indent=2)
+        method = f"egpo (calibration {cfg.calibration}, nsr {cfg.nsr}, renorm {cfg.renorm})" \
+            if cfg.algo == "egpo" else cfg.algo
+        print(f"egpo: {method} on {cfg.model} / {cfg.dataset}, {device}"
+              + (f" x {world_size} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if world_size > 1 else "")
+              + f", {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(train_rows)} train / {len(test_rows)} held-out problems -> {cfg.out}")
 
     test_golds = [r["answer"] for r in test_rows]
+    share = cfg.prompts_per_step // world_size
 
-    def draw():  # B training prompts and their gold answers
-        picks = [rng.randrange(len(train_rows)) for _ in range(cfg.prompts_per_step)]
-        return [train_prompts[i] for i in picks], [train_rows[i]["answer"] for i in picks]
+    def draw():  # this process's share of B training prompts, their gold answers and sampling noise
+        picks = [rng.randrange(len(train_rows)) for _ in range(cfg.prompts_per_step)]  # the same on every process
+        noise = torch.rand(cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens, generator=noise_rng)
+        picks, rows = picks[rank * share:(rank + 1) * share], slice(rank * share * cfg.group_size,
+                                                                    (rank + 1) * share * cfg.group_size)
+        return [train_prompts[i] for i in picks], [train_rows[i]["answer"] for i in picks], noise[rows]
 
-    summary = {"steps_done": 0}
+    summary, stop = {"steps_done": 0}, []
+    if world_size > 1:  # Ctrl-C (SIGINT) on any process: all of them stop after the current step
+        signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    files = [os.path.join(cfg.out, "metrics.jsonl"),
+             os.path.join(cfg.out, "completions.jsonl") if cfg.log_completions else os.devnull]
     try:  # from here on, Ctrl-C (or a crash) still leaves the checkpoint, metrics and summary so far
-        completions = os.path.join(cfg.out, "completions.jsonl") if cfg.log_completions else os.devnull
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as log, open(completions, "w") as log_c:
-            if cfg.sft_steps:
-                summary["sft_steps_done"] = sft_warmup(model, tokenizer, train_rows, train_prompts, cfg, rng)
+        with open(files[0] if rank == 0 else os.devnull, "w") as log, open(files[1] if rank == 0 else os.devnull,
+                                                                          "w") as log_c:
+            if cfg.sft_steps:  # every process warms up the same way; parallelize() then copies rank 0's weights
+                summary["sft_steps_done"] = sft_warmup(policy, tokenizer, train_rows, train_prompts, cfg, rng)
+            ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
+            policy = parallelize(policy, cfg)
             if test_rows:
-                summary["before"] = evaluate(model, tokenizer, test_prompts, test_golds, cfg)
-            ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
-            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-            bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo)
+                summary["before"] = evaluate(policy, tokenizer, test_prompts, test_golds, cfg)
+            optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+            bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo, disable=rank > 0)
             for step in bar:
-                batch = sample_batch(model, tokenizer, draw, cfg)
-                metrics = {"step": step, **rl_step(model, ref_model, optimizer, batch, cfg)}
+                batch = sample_batch(policy, tokenizer, draw, cfg)
+                metrics = {"step": step, **rl_step(policy, ref_model, optimizer, batch, cfg)}
                 log_c.writelines(json.dumps({"step": step, **c}) + "\n" for c in metrics.pop("completions", []))
                 if test_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    metrics.update(evaluate(model, tokenizer, test_prompts, test_golds, cfg))
+                    metrics.update(evaluate(policy, tokenizer, test_prompts, test_golds, cfg))
                     summary["after"] = {k: metrics[k] for k in summary["before"]}
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
@@ -994,14 +1208,20 @@ def train(cfg: Config) -> dict:
                 bar.set_postfix(acc=f"{metrics['acc']:.2f}", H=f"{metrics['entropy_mean']:.2f}",
                                 auroc=f"{metrics['auroc_confidence']:.2f}")
                 if cfg.save_every and step % cfg.save_every == 0:
-                    save_checkpoint(model, tokenizer, cfg.out)
+                    save_checkpoint(policy, tokenizer, cfg.out)
+                if world_size > 1 and all_sum(len(stop), device) > 0:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         summary["interrupted"] = True
-        print(f"\ninterrupted after {summary['steps_done']} RL steps: saving what exists", file=sys.stderr)
+        if rank == 0:
+            print(f"\ninterrupted after {summary['steps_done']} RL steps: saving what exists", file=sys.stderr)
     finally:
-        save_checkpoint(model, tokenizer, cfg.out)
-        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        save_checkpoint(policy, tokenizer, cfg.out)
+        if rank == 0:
+            with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
     return summary
 
 
@@ -1023,7 +1243,7 @@ def print_summary(summary: dict, cfg: Config):
 
 
 # ====================================================================================
-# 10. Command line
+# 11. Command line
 # ====================================================================================
 def parse_args(argv=None) -> Config:
     import argparse
@@ -1050,7 +1270,8 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print_summary(summary, cfg)
+    if world()[0] == 0:
+        print_summary(summary, cfg)
     if summary.get("interrupted"):
         sys.exit(130)
 

@@ -515,9 +515,89 @@ def test_old_logprobs_agree_with_the_samplers_own_logits():
     from_sampler = torch.log_softmax(torch.stack(out.logits, 1) / 0.7, -1).gather(-1, response[..., None])[..., 0]
     attention = torch.cat([batch["attention_mask"].repeat_interleave(4, 0), torch.ones_like(response)], 1)
     with torch.no_grad():
-        from_forward = egpo.token_logprobs(model, out.sequences, attention, response.shape[1], 0.7)
+        from_forward = egpo.token_logprobs(egpo.Policy(model), out.sequences, attention, response.shape[1], 0.7)
     mask = egpo.eos_mask(response, [tok.eos_token_id])
     assert (from_forward - from_sampler)[mask].abs().max() < 1e-4
+
+
+def test_greedy_sampler_equals_generate_token_for_token():
+    """The in-file sampler (prefill + KV cache) against transformers' generate: left-padded
+    prompts of 4 lengths, three stop tokens (rows stop at different steps, padding after)."""
+    model, tok = egpo.build_tiny_model(seed=0)
+    torch.manual_seed(1)
+    with torch.no_grad():  # larger random weights than the default init: varied text, not '====...'
+        for p in model.parameters():
+            p.normal_(0, 0.5) if p.dim() > 1 else None
+    tok.padding_side = "left"
+    stop = [tok.eos_token_id, *tok.convert_tokens_to_ids(["*", "?"])]
+    prompts = [tok(q)["input_ids"] for q in ["1+2=", "12+34=", "5=", "100+200+3="]]
+    batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    expected = model.generate(**batch, do_sample=False, max_new_tokens=20, eos_token_id=stop,
+                              pad_token_id=tok.pad_token_id)[:, batch["input_ids"].shape[1]:]
+    response, _, _ = egpo.sample(egpo.Policy(model), batch["input_ids"], batch["attention_mask"], stop,
+                                 tok.pad_token_id, 20)
+    stopped = torch.isin(response, torch.tensor(stop)).any(1)
+    assert stopped.sum() >= 2 and not stopped.all()  # some rows stop early, one runs to the limit
+    assert torch.equal(response, expected)
+
+
+def test_sampled_logprobs_and_token_entropy_agree_with_the_training_forward():
+    cfg = egpo.resolve(egpo.Config(max_new_tokens=12, temperature=0.7, top_p=0.9))
+    policy, tok = egpo.load_policy(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    batch = egpo.rollout(policy, tok, [tok("1+2=")["input_ids"], tok("12+34=")["input_ids"]], ["3", "46"], 4, cfg)
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    n = mask.shape[1]
+    with torch.no_grad():
+        forward = egpo.token_logprobs(policy, ids, attn, n, 0.7)  # from logits / T, never top-p-filtered
+        logits = policy.lm(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits
+    entropy = torch.distributions.Categorical(logits=logits[:, -n - 1:-1] / 0.7).entropy()
+    assert (batch["logprobs"] - forward)[mask].abs().max() < 1e-5
+    assert (batch["token_entropy"] - entropy)[mask].abs().max() < 1e-5
+
+
+def test_pick_draws_transformers_top_k_then_top_p_distribution():
+    """u on a fine grid of [0, 1) turns inverse-CDF sampling into exact frequencies: they must
+    equal softmax of the logits after transformers' own TopK and TopP warpers."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0)) * 2
+    M = 20_000
+    u = (torch.arange(M) + 0.5) / M
+    for top_k, top_p in [(0, 1.0), (0, 0.8), (5, 1.0), (8, 0.7)]:
+        warped = logits
+        if top_k:
+            warped = TopKLogitsWarper(top_k)(None, warped)
+        if top_p < 1:
+            warped = TopPLogitsWarper(top_p)(None, warped)
+        for row in range(3):
+            tokens = egpo.pick(logits[row].softmax(-1).expand(M, -1), u, top_p, top_k)
+            frequencies = torch.bincount(tokens, minlength=40) / M
+            assert (frequencies - warped[row].softmax(-1)).abs().max() <= 1.5 / M
+
+
+def test_chunked_logprobs_equal_the_full_vocabulary_computation(monkeypatch):
+    """Values and gradients of token_logprobs, LOGIT_CHUNK positions at a time, against
+    log_softmax of the model's own full logits; under bf16 autocast the kept logits stay fp32."""
+    model, tok = egpo.build_tiny_model(seed=0)
+    policy = egpo.Policy(model)
+    tok.padding_side = "left"
+    batch = tok.pad({"input_ids": [tok("12+34=46")["input_ids"], tok("5+7=12")["input_ids"]]}, return_tensors="pt")
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits
+    expected = (logits[:, -5:-1] / 0.7).log_softmax(-1).gather(-1, ids[:, -4:, None])[..., 0]
+    expected.sum().backward()
+    expected_grad = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(egpo, "LOGIT_CHUNK", 3)  # 8 positions: chunks of 3, 3, 2
+    lp = egpo.token_logprobs(policy, ids, attn, 4, 0.7)
+    lp.sum().backward()
+    assert torch.allclose(lp, expected, atol=1e-6)
+    assert all((p.grad - g).norm() <= 1e-5 * g.norm() for p, g in zip(model.parameters(), expected_grad))
+    hidden, head, targets = torch.randn(6, 64), model.lm_head.weight, ids[0, :6]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_bf16 = egpo.chunk_logprobs(hidden, head, targets, 0.7)
+    assert under_bf16.dtype == torch.float32 and torch.equal(under_bf16, egpo.chunk_logprobs(hidden, head, targets, 0.7))
 
 
 def test_first_ppo_ratio_is_exactly_one_on_cpu():
@@ -536,7 +616,7 @@ def sampled_batch(cfg, rewards=None):
     torch.manual_seed(0)
     model, tok = egpo.load_policy(cfg, torch.device("cpu"))
     batch = egpo.sample_batch(model, tok, lambda: ([tok("12+34=")["input_ids"], tok("5+7=")["input_ids"]],
-                                                   ["46", "12"]), cfg)
+                                                   ["46", "12"], torch.rand(8, cfg.max_new_tokens)), cfg)
     if rewards is not None:
         batch["rewards"] = rewards
     return model, batch
@@ -547,7 +627,7 @@ def edge_grpo_by_hand(model, batch, cfg):
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     n = mask.shape[1]
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits
+        logits = model.lm(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits
     dist = torch.distributions.Categorical(logits=logits[:, -n - 1:-1] / cfg.temperature)
     p = (dist.entropy() * mask).sum(1) / mask.sum(1)                                    # (N,)
     rows = []
@@ -628,7 +708,7 @@ def test_dapo_dynamic_sampling_keeps_mixed_groups_until_the_batch_is_full(monkey
                       ["4+4=", "5+5=", "6+6="]])
 
     def draw():
-        return [tok(q)["input_ids"] for q in next(questions)], ["0"] * 3
+        return [tok(q)["input_ids"] for q in next(questions)], ["0"] * 3, torch.rand(6, cfg.max_new_tokens)
 
     batch = egpo.sample_batch(model, tok, draw, cfg)
     assert batch["groups_sampled"] == 6 and batch["rewards"].tolist() == [1, 0, 0, 1, 1, 0]
@@ -663,45 +743,13 @@ def test_end_of_turn_is_a_stop_token_and_thinking_follows_the_flag(tmp_path):
     cfg = egpo.resolve(egpo.Config(model=str(tmp_path), max_new_tokens=6))
     model, tok = egpo.load_policy(cfg, torch.device("cpu"))
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert model.generation_config.eos_token_id == [tok.eos_token_id, im_end]
-    assert egpo.eos_mask(torch.tensor([[5, im_end, 7, 8]]), model.generation_config.eos_token_id).tolist() == \
+    assert model.lm.generation_config.eos_token_id == [tok.eos_token_id, im_end]
+    assert egpo.eos_mask(torch.tensor([[5, im_end, 7, 8]]), model.lm.generation_config.eos_token_id).tolist() == \
         [[True, True, False, False]]  # nothing the model writes after its turn ends is trained on
     assert tok.decode(egpo.build_prompt(tok, "1+1=", "toy")).endswith("<assistant><think></think>")
     assert tok.decode(egpo.build_prompt(tok, "1+1=", "toy", thinking=True)).endswith("<assistant>")
     _, plain = egpo.build_tiny_model(seed=0)
     assert egpo.end_of_turn_id(plain) is None  # no template, no extra stop token
-
-
-def test_token_entropy_is_the_full_distributions():
-    model, tok = egpo.build_tiny_model(seed=0)
-    ids = torch.tensor([tok("12+34=46")["input_ids"]])
-    with torch.no_grad():
-        lp, h = egpo.token_logprobs(model, ids, torch.ones_like(ids), 3, 0.7, with_entropy=True)
-        logits = model(input_ids=ids).logits[:, -4:-1] / 0.7
-    assert torch.allclose(h, torch.distributions.Categorical(logits=logits).entropy(), atol=1e-5)
-    assert torch.equal(lp, egpo.token_logprobs(model, ids, torch.ones_like(ids), 3, 0.7))
-
-
-def test_sampling_is_exactly_temperature_and_top_p_whatever_the_checkpoint_says(tmp_path):
-    model, tok = egpo.build_tiny_model(seed=0)
-    model.generation_config.update(do_sample=True, top_k=3, repetition_penalty=1.5)  # as Qwen checkpoints ship
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    cfg = egpo.resolve(egpo.Config(model=str(tmp_path), temperature=0.7, max_new_tokens=6))
-    model, tok = egpo.load_policy(cfg, torch.device("cpu"))
-    seen = {}
-    generate = model.generate
-
-    def spy(**kwargs):
-        out = generate(**kwargs, output_scores=True, output_logits=True, return_dict_in_generate=True)
-        seen["out"] = out
-        return out.sequences
-
-    model.generate = spy
-    egpo.rollout(model, tok, [tok("1+2=")["input_ids"]], ["3"], 4, cfg)
-    for scores, logits in zip(seen["out"].scores, seen["out"].logits):
-        assert torch.isfinite(scores).all()  # nothing filtered (top_p = 1, no top-k)
-        assert torch.allclose(scores, logits / 0.7)  # no repetition penalty
 
 
 def test_prompt_formats():
@@ -951,6 +999,50 @@ def test_auto_device_and_bf16(cuda, monkeypatch):
     assert (real.device, real.bf16) == ("cuda" if cuda else "cpu", True)
     assert egpo.resolve(egpo.parse_args(["--model", "some/model", "--no-bf16"])).bf16 is False
     assert egpo.resolve(egpo.parse_args(["--bf16"])).bf16 is True
+
+
+# ---------------------------------------------------------------- torchrun: DDP and FSDP on CPU (gloo)
+DIST = ["--steps", "2", "--sft-steps", "0", "--eval-size", "8", "--prompts-per-step", "4", "--group-size", "4",
+        "--max-new-tokens", "30"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one-process")
+    p = run_cli(*DIST, "--out", str(out), timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_processes_make_the_update_and_the_metrics_of_one(one_process, tmp_path, mode):
+    """torchrun with 2 CPU processes: each samples 2 of the 4 groups (the same rows as one process,
+    from the same noise) and the token-mean denominator is summed over both, so after 2 steps the
+    weights equal one process's to 1e-6 and so does every logged number but the timings. The two
+    processes' responses have different numbers of tokens: a per-process denominator fails here."""
+    from safetensors.torch import load_file
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(HERE / "egpo.py"),
+           *DIST, *mode, "--out", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert read_json(tmp_path / "config.json")["world_size"] == 2
+    one, two = (load_file(d / "checkpoint" / "model.safetensors") for d in (one_process, tmp_path))
+    assert set(one) <= set(two) and max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-6
+    a, b = (without(read_metrics(d), egpo.TIME_KEYS) for d in (one_process, tmp_path))
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for x, y in zip(a, b):
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7, nan_ok=True), k
+    assert read_json(tmp_path / "summary.json")["after"] == pytest.approx(
+        read_json(one_process / "summary.json")["after"], rel=1e-5, nan_ok=True)
+
+
+def test_torchrun_errors(capsys, monkeypatch, tmp_path):
+    expect_user_error(["--fsdp", "--out", str(tmp_path)], capsys, "torchrun --nproc_per_node N")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the check comes before joining the group
+    expect_user_error(["--prompts-per-step", "3", "--out", str(tmp_path)], capsys, "multiple of the 2 processes")
 
 
 # ---------------------------------------------------------------- errors: one line, exit code 2
