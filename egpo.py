@@ -10,11 +10,13 @@ only wrong answers is pushed down instead of ignored. The verifier and the 0/1 r
     python egpo.py --algo grpo                  # the same run with plain GRPO (also dapo, edge-grpo)
     python egpo.py --calibration symmetric      # an ablation of the paper's Table 2 (C1)
     python egpo.py --model Qwen2.5-0.5B         # a real model on GSM8K (CUDA, bf16 autocast)
+    torchrun --nproc_per_node 8 egpo.py --model Qwen2.5-Math-7B --fsdp   # 8 GPUs, model sharded (FSDP2)
     python egpo.py --help                       # every flag, with its default
 
 The file reads in the order of one training step (Algorithm 1) and of the paper:
 config -> task & verifier -> model -> sampling -> entropy proxy (Eq. 5) -> advantages
-(Eq. 2, Eqs. 7-11, 13) -> policy loss (Eq. 12) -> metrics -> training loop -> main.
+(Eq. 2, Eqs. 7-11, 13) -> policy loss (Eq. 12) -> metrics -> several processes -> training
+loop -> main.
 """
 import contextlib
 import copy
@@ -671,7 +673,7 @@ def cat_rollouts(parts: list[dict], keep: list[torch.Tensor], pad_id: int) -> di
 def sequence_entropy(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Eq. 5: H_i = -(1/|S_i|) sum_{t in S_i} log pi_old(o_t | q, o_<t), the mean negative
     log-likelihood of the sampled path, a Monte-Carlo estimate of the policy's per-token entropy
-    along it. Zero overhead: it reuses the old log-probs the PPO ratio needs anyway. `mask`
+    along it. Zero overhead: it reuses the log-probs the sampler computed (`sample`). `mask`
     marks S_i (the response, or its answer span). Detached; NaN for a response with no token
     in S_i (it then takes no part in its group's calibration)."""
     mask = mask.to(logprobs.dtype)

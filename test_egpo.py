@@ -1039,6 +1039,29 @@ def test_two_processes_make_the_update_and_the_metrics_of_one(one_process, tmp_p
         read_json(one_process / "summary.json")["after"], rel=1e-5, nan_ok=True)
 
 
+def test_ctrl_c_on_one_torchrun_process_stops_all_and_saves(tmp_path):
+    """SIGINT to rank 1 only: both processes stop after the same step and rank 0 writes the
+    checkpoint, the metrics so far and summary.json."""
+    from transformers import AutoModelForCausalLM
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(HERE / "egpo.py"),
+           "--steps", "100000", "--sft-steps", "0", "--eval-size", "0", "--prompts-per-step", "2", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    rank1 = [pid for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+             if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes()]
+    assert len(rank1) == 1
+    os.kill(int(rank1[0]), signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "interrupted after" in err, err[-2000:]
+    summary = read_json(tmp_path / "summary.json")
+    assert summary["interrupted"] and summary["steps_done"] == len(read_metrics(tmp_path)) >= 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").config.model_type == "qwen2"
+
+
 def test_torchrun_errors(capsys, monkeypatch, tmp_path):
     expect_user_error(["--fsdp", "--out", str(tmp_path)], capsys, "torchrun --nproc_per_node N")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the check comes before joining the group
