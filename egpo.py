@@ -47,8 +47,9 @@ def flag(default, help, choices=None):
 class Config:
     # --- run control
     model: str = flag("tiny", "'tiny' (built locally), an alias such as Qwen2.5-0.5B, a hub id, or a local dir")
-    dataset: str = flag(None, "toy | gsm8k | math500 | a local .jsonl/.json/.parquet/.csv with question, answer "
-                              "columns [auto: toy for tiny, gsm8k for real models]")
+    dataset: str = flag(None, "toy | gsm8k | math500 | openr1 (OpenR1-Math-220k, the paper's) | a local "
+                              ".jsonl/.json/.parquet/.csv with question, answer columns; NAME=PATH reads a local copy "
+                              "of a hub dataset in its own schema [auto: toy for tiny, gsm8k for real models]")
     device: str = flag("auto", "auto | cpu | cuda [auto: cpu for the tiny demo, cuda for real models "
                                "when available]", ["auto", "cpu", "cuda"])
     seed: int = flag(0, "seed for model init, data, sampling")
@@ -80,6 +81,7 @@ class Config:
     max_new_tokens: int = flag(None, "longest response [auto: 40 for tiny, 512 for real models]")
     temperature: float = flag(1.0, "sampling temperature T (log-probs use logits / T too)")
     top_p: float = flag(1.0, "nucleus sampling mass (1.0 = off)")
+    top_k: int = flag(0, "sample from the k likeliest tokens only (0 = off)")
     thinking: bool = flag(False, "Qwen3 chat template: let the model think (<think>...</think>) before "
                                  "answering; off = the template's non-thinking mode")
     # --- update
@@ -108,9 +110,18 @@ class Config:
     sft_batch_size: int = flag(64, "batch size of the warm-up")
     toy_digits: int = flag(2, "operand digits of the toy addition task (3 = harder: many all-wrong groups)")
     # --- evaluation and checkpoints
-    eval_every: int = flag(None, "held-out greedy evaluation every N steps; 0 = only before and after RL "
+    eval_datasets: str = flag(None, "evaluate on these benchmarks instead of the held-out split, comma-separated: "
+                                    "math500, aime24, minerva, gsm8k, mmlu-stem (the paper's), a local file with "
+                                    "question, answer columns, or NAME=PATH (a local copy in the hub's schema)")
+    eval_samples: int = flag(None, "k: sampled answers per problem; pass@1 is their mean accuracy [auto: 1 for tiny, "
+                                   "8 for real models (the paper's)]")
+    eval_temperature: float = flag(None, "evaluation sampling temperature [auto: --temperature for tiny, 0.6]")
+    eval_top_p: float = flag(None, "evaluation top-p [auto: --top-p for tiny, 0.95]")
+    eval_top_k: int = flag(None, "evaluation top-k [auto: --top-k for tiny, 20]")
+    eval_max_new_tokens: int = flag(None, "longest evaluation answer [auto: --max-new-tokens]")
+    eval_every: int = flag(None, "evaluation every N steps; 0 = only before and after RL "
                                  "[auto: 0 for tiny, 50 for real models]")
-    eval_size: int = flag(200, "held-out problems per evaluation (0 = no evaluation)")
+    eval_size: int = flag(200, "held-out problems of the training set (0 = none); benchmarks are evaluated whole")
     save_every: int = flag(None, "write checkpoint/ every N steps; 0 = only at the end or on Ctrl-C "
                                  "[auto: 0 for tiny, 50 for real models]")
     log_completions: bool = flag(False, "also write completions.jsonl: every sampled response with its "
@@ -120,7 +131,7 @@ class Config:
 # Values of the "auto" (None) defaults: (tiny offline demo, real models).
 AUTO = {
     "steps": (100, 200), "max_new_tokens": (40, 512), "lr": (1e-4, 1e-6), "micro_batch_size": (None, 8),
-    "eval_every": (0, 50), "save_every": (0, 50), "bf16": (False, True),
+    "eval_every": (0, 50), "save_every": (0, 50), "bf16": (False, True), "eval_samples": (1, 8),
 }
 ALIASES = {name: "Qwen/" + name for name in [
     "Qwen2.5-0.5B", "Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B", "Qwen2.5-1.5B-Instruct", "Qwen2.5-3B",
@@ -145,6 +156,11 @@ def resolve(cfg: Config) -> Config:
         cfg.device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
     if cfg.sft_steps is None:
         cfg.sft_steps = 500 * cfg.toy_digits if tiny and cfg.dataset == "toy" else 0
+    paper = {"eval_temperature": ("temperature", 0.6), "eval_top_p": ("top_p", 0.95), "eval_top_k": ("top_k", 20),
+             "eval_max_new_tokens": ("max_new_tokens", None)}  # the paper's evaluation protocol (Section 4.1)
+    for name, (training, value) in paper.items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, getattr(cfg, training) if tiny or value is None else value)
     if cfg.clip_eps_high is None:
         cfg.clip_eps_high = 0.28 if cfg.algo == "dapo" else 0.2
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -163,7 +179,10 @@ def resolve(cfg: Config) -> Config:
         (cfg.lambda_max >= 1, f"--lambda-max must be >= 1 (got {cfg.lambda_max}): "
                               "a correct answer is never down-weighted"),
         (cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})"),
-        (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1] (got {cfg.top_p})"),
+        (0 < cfg.top_p <= 1 and 0 < cfg.eval_top_p <= 1, "--top-p and --eval-top-p must be in (0, 1]"),
+        (cfg.top_k >= 0 and cfg.eval_top_k >= 0, "--top-k and --eval-top-k must be >= 0"),
+        (cfg.eval_temperature > 0, f"--eval-temperature must be > 0 (got {cfg.eval_temperature})"),
+        (cfg.eval_samples >= 1 and cfg.eval_max_new_tokens >= 1, "--eval-samples and --eval-max-new-tokens must be >= 1"),
         (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})"),
         (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
         (cfg.beta >= 0, f"--beta must be >= 0 (got {cfg.beta}): it weighs a KL penalty"),
@@ -302,6 +321,11 @@ def verify(completion: str, gold: str) -> float:
     answer = extract_answer(completion)
     if not isinstance(gold, str):
         gold = str(gold)
+    if re.fullmatch(r"[A-J]", gold.strip()):  # multiple choice (MMLU-STEM): the letter of \boxed{B}, (B), B) 42
+        if answer is None and isinstance(completion, str) and (said := re.findall(r"ANSWER:\s*\(?([A-J])\b", completion)):
+            answer = said[-1]  # evalscope's 'ANSWER: B' format
+        letter = re.match(r"\s*(?:\\text\s*\{)?\s*\(?([A-Ja-j])(?![A-Za-z0-9])", answer or "")
+        return float(bool(letter) and letter.group(1).upper() == gold.strip())
     if "####" in gold or _BOXED.search(gold):  # a whole GSM8K / MATH solution was passed as gold
         gold = extract_answer(gold) or ""
     if not answer or not gold.strip():
@@ -337,54 +361,6 @@ def make_toy_task(digits: int, n_test: int, seed: int, n_max: int = 20_000) -> t
     return rows[n_test:], rows[:n_test]
 
 
-def load_rows(cfg: Config) -> tuple[list, list]:
-    """(train, test) rows of {question, answer[, solution]} for --dataset."""
-    if cfg.dataset == "toy":
-        return make_toy_task(cfg.toy_digits, cfg.eval_size, cfg.seed)
-    try:
-        import datasets  # imported here so that the toy run works without it
-    except ImportError:
-        raise UserError("--dataset other than toy needs the `datasets` package: "
-                        "pip install -r requirements.txt") from None
-    datasets.disable_progress_bars()
-    hub = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", None)}
-    if cfg.dataset in hub:
-        path, name = hub[cfg.dataset]
-        print(f"loading {path} from the hub or its local cache ...")
-        try:
-            splits = datasets.load_dataset(path, name)
-        except Exception as e:
-            raise UserError(f"could not load {path} from the hub ({type(e).__name__}); with no network, pass "
-                            "a local .jsonl/.parquet with question and answer columns instead") from None
-        if cfg.dataset == "math500":  # 500 test problems only: hold out eval_size of them
-            rows = [{"question": r["problem"], "answer": r["answer"]} for r in splits["test"]]
-            random.Random(0).shuffle(rows)
-            return rows[cfg.eval_size:], rows[:cfg.eval_size]
-        return [_gsm8k_row(r) for r in splits["train"]], [_gsm8k_row(r) for r in splits["test"]][:cfg.eval_size]
-    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-    ext = os.path.splitext(cfg.dataset)[1].lower()
-    if ext not in builders:
-        raise UserError(f"--dataset {cfg.dataset!r} is not toy/gsm8k/math500 nor a .jsonl/.json/.parquet/.csv file")
-    if not os.path.isfile(cfg.dataset):
-        raise UserError(f"dataset file {cfg.dataset} does not exist")
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors become our one-line message
-    try:
-        table = datasets.load_dataset(builders[ext], data_files=cfg.dataset, split="train")
-    except Exception as e:
-        reason = str(e.__cause__ or e).strip().splitlines()[0][:200]
-        raise UserError(f"could not read {cfg.dataset} as {ext[1:]}: {reason}") from None
-    missing = {"question", "answer"} - set(table.column_names)
-    if missing:
-        raise UserError(f"{cfg.dataset} has columns {table.column_names}; it needs 'question' and 'answer' "
-                        f"(missing: {', '.join(sorted(missing))})")
-    rows = [_gsm8k_row(r) for r in table]
-    if len(rows) <= cfg.eval_size:
-        raise UserError(f"{cfg.dataset} has {len(rows)} rows; --eval-size {cfg.eval_size} would leave none "
-                        "to train on (lower --eval-size)")
-    random.Random(cfg.seed).shuffle(rows)
-    return rows[cfg.eval_size:], rows[:cfg.eval_size]
-
-
 def _gsm8k_row(r: dict) -> dict:
     """GSM8K answers are a worked solution ending in '#### 72': keep both parts."""
     answer = str(r["answer"])
@@ -393,19 +369,114 @@ def _gsm8k_row(r: dict) -> dict:
     return {"question": str(r["question"]), "answer": answer}
 
 
+def _problem_row(r: dict) -> dict:
+    return {"question": str(r["problem"]), "answer": str(r["answer"])}
+
+
+def _mmlu_row(r: dict) -> dict | None:
+    """Multiple choice: the options listed as 'A) ...' under the question; the gold is the letter."""
+    if r.get("subject") == "anatomy":  # evalscope's MMLU-STEM is 18 subjects; TIGER-Lab's adds anatomy
+        return None
+    options = "\n".join(f"{letter}) {choice}" for letter, choice in zip(string.ascii_uppercase, r["choices"]))
+    return {"question": f"{r['question']}\n\n{options}\n\nAnswer with the letter of the correct option.",
+            "answer": string.ascii_uppercase[int(r["answer"])]}
+
+
+def _openr1_row(r: dict) -> dict | None:
+    """OpenR1-Math-220k keeps NuminaMath-1.5's placeholders for problems without a checkable final
+    answer ('proof', 'notfound'); those, and answers the verifier cannot match with themselves, go."""
+    answer = str(r["answer"] or "").strip()
+    if r.get("question_type") == "proof" or answer.lower() in ("", "proof", "notfound") or \
+            verify(f"\\boxed{{{answer}}}", answer) < 1:
+        return None
+    return {"question": str(r["problem"]), "answer": answer}
+
+
+# The hub datasets: id, config, split, and how a row becomes {question, answer[, solution]} (None:
+# left out). The ids, splits and columns are those of the dataset cards cited in the README.
+DATASETS = {
+    "gsm8k": ("openai/gsm8k", "main", "test", _gsm8k_row),
+    "math500": ("HuggingFaceH4/MATH-500", None, "test", _problem_row),
+    "aime24": ("HuggingFaceH4/aime_2024", None, "train", _problem_row),  # 30 problems, its only split
+    "minerva": ("knoveleng/Minerva-Math", None, "train",  # no answer column: the solution's last \boxed{}
+                lambda r: {"question": str(r["problem"]), "answer": extract_answer(str(r["solution"])) or ""}),
+    "mmlu-stem": ("TIGER-Lab/MMLU-STEM", None, "test", _mmlu_row),
+    "openr1": ("open-r1/OpenR1-Math-220k", "default", "train", _openr1_row),
+}
+
+
+def read_dataset(spec: str, split: str | None = None) -> list[dict]:
+    """Rows {question, answer[, solution]} of `spec`: a name of DATASETS (from the hub, or NAME=PATH
+    from a local file in that dataset's own schema), or a local .jsonl/.json/.parquet/.csv file with
+    question and answer columns. Duplicate questions and rows without an answer are left out."""
+    try:
+        import datasets  # imported here so that the toy run works without it
+    except ImportError:
+        raise UserError(f"{spec} needs the `datasets` package: pip install -r requirements.txt") from None
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors become our one-line message
+    name, _, path = spec.partition("=")
+    if name in DATASETS:
+        hub_id, config, hub_split, to_row = DATASETS[name]
+    elif path:
+        raise UserError(f"{spec}: unknown dataset {name!r}; NAME=PATH takes one of {', '.join(DATASETS)}")
+    else:
+        hub_id, config, hub_split, to_row, path = None, None, None, _gsm8k_row, spec
+    if path:
+        builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in builders:
+            raise UserError(f"{spec!r} is not a dataset name ({', '.join(DATASETS)}, toy) nor a "
+                            ".jsonl/.json/.parquet/.csv file")
+        if not os.path.isfile(path):
+            raise UserError(f"dataset file {path} does not exist")
+        try:
+            table = datasets.load_dataset(builders[ext], data_files=path, split="train")
+        except Exception as e:
+            reason = str(e.__cause__ or e).strip().splitlines()[0][:200]
+            raise UserError(f"could not read {path} as {ext[1:]}: {reason}") from None
+    else:
+        print(f"loading {hub_id} ({split or hub_split}) from the hub or its local cache ...")
+        try:
+            table = datasets.load_dataset(hub_id, config, split=split or hub_split)
+        except Exception as e:
+            raise UserError(f"could not load {hub_id} from the hub ({type(e).__name__}); with no network, pass "
+                            f"a local copy as {name}=FILE (its schema) or a file with question, answer columns") from None
+    if name not in DATASETS and {"question", "answer"} - set(table.column_names):
+        raise UserError(f"{path} has columns {table.column_names}; it needs 'question' and 'answer'")
+    rows = (to_row(r) for r in table)
+    return list({row["question"]: row for row in rows if row and row["answer"]}.values())
+
+
+def load_rows(cfg: Config) -> tuple[list, list]:
+    """(train, held-out) rows for --dataset: GSM8K's own train and test splits; otherwise the rows
+    shuffled with --seed and --eval-size of them held out (MATH-500 has only 500 test problems)."""
+    if cfg.dataset == "toy":
+        return make_toy_task(cfg.toy_digits, cfg.eval_size, cfg.seed)
+    if cfg.dataset == "gsm8k":
+        return read_dataset("gsm8k", "train"), read_dataset("gsm8k", "test")[:cfg.eval_size]
+    rows = read_dataset(cfg.dataset)
+    if len(rows) <= cfg.eval_size:
+        raise UserError(f"{cfg.dataset} has {len(rows)} rows; --eval-size {cfg.eval_size} would leave none "
+                        "to train on (lower --eval-size)")
+    random.Random(cfg.seed).shuffle(rows)
+    return rows[cfg.eval_size:], rows[:cfg.eval_size]
+
+
 def build_prompt(tokenizer, question: str, dataset: str, thinking: bool = False) -> list[int]:
     """Chat template when the tokenizer has one (`thinking` is Qwen3's enable_thinking; other
     templates ignore it); the toy task's own format ('47+38=') for a model without one; else a
-    plain prompt asking for \\boxed{}."""
+    plain prompt asking for \\boxed{}. (No warning for a prompt longer than the context: train()
+    stops with its own message.)"""
     instruction = "Please reason step by step, and put your final answer within \\boxed{}."
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": f"{question}\n{instruction}"}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                              enable_thinking=thinking)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if dataset == "toy":
-        return tokenizer(question)["input_ids"]
-    return tokenizer(f"Question: {question}\n{instruction}\nAnswer:")["input_ids"]
+        return tokenizer(question, verbose=False)["input_ids"]
+    return tokenizer(f"Question: {question}\n{instruction}\nAnswer:", verbose=False)["input_ids"]
 
 
 def end_of_turn_id(tokenizer) -> int | None:
@@ -617,7 +688,7 @@ def rollout(policy, tokenizer, prompts: list[list[int]], golds: list[str], n: in
     with full_weights(policy) as sampler:
         response, logprobs, token_entropy = sample(
             sampler, ids, attn, stop_ids, tokenizer.pad_token_id, cfg.max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, noise=None if greedy else noise.to(device), bf16=cfg.bf16)      # (P*n, T) x 3
+            top_p=cfg.top_p, top_k=cfg.top_k, noise=None if greedy else noise.to(device), bf16=cfg.bf16)  # (P*n, T) x 3
     response_mask = eos_mask(response, stop_ids)                                                # (P*n, T)
     entropy_mask = response_mask
     if cfg.entropy_span == "answer":
@@ -1103,32 +1174,53 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
 
 
 @torch.no_grad()
-def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config) -> dict:
-    """Held-out accuracy, greedy and sampled (one sample per problem at --temperature); on the
-    samples, the AUROC of -H as a predictor of correctness and the mean H of right and wrong
-    ones. The sampling noise comes from its own generator, seeded by --seed: every evaluation of
-    a run sees the same noise, and the training's is untouched. Under torchrun each process
-    evaluates a contiguous share of the problems, and the results are gathered."""
+def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config, prefix: str = "") -> dict:
+    """The paper's protocol (Section 4.1) on one set of problems: one greedy answer and k =
+    --eval-samples sampled ones per problem (--eval-temperature, --eval-top-p, --eval-top-k, at most
+    --eval-max-new-tokens). Returns, with keys prefixed by `prefix`: the greedy accuracy, the
+    mean pass@1 (each problem's accuracy over its k samples, averaged) with its standard error
+    over problems, the fraction of samples cut off at the length limit, and on the samples the
+    AUROC of -H as a predictor of correctness and the mean H of all, right and wrong ones
+    (Section 4.4's gap). The sampling noise comes from its own generator, seeded by --seed:
+    every evaluation sees the same noise, and the training's is untouched. Under torchrun each
+    process evaluates a contiguous share of the problems, and the results are gathered."""
     rank, world_size = world()
-    noise = torch.rand(len(prompts), cfg.max_new_tokens, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    k = cfg.eval_samples
+    ecfg = dataclasses.replace(cfg, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=cfg.eval_top_k,
+                               max_new_tokens=cfg.eval_max_new_tokens)
+    noise = torch.rand(len(prompts) * k, ecfg.max_new_tokens, generator=torch.Generator().manual_seed(cfg.seed + 1))
     lo, hi = rank * len(prompts) // world_size, (rank + 1) * len(prompts) // world_size
-    chunk = cfg.prompts_per_step * cfg.group_size
+    chunk = max(1, cfg.prompts_per_step * cfg.group_size // k)  # problems per rollout
     device = next(policy.parameters()).device
-    greedy, sampled, entropy = [torch.zeros(0, device=device)], [torch.zeros(0, device=device)], \
-        [torch.zeros(0, device=device)]
+    parts = {key: [torch.zeros(0, device=device)] for key in ("greedy", "sampled", "entropy", "truncated")}
     with full_weights(policy) as sampler:
-        for i in tqdm(range(lo, hi, chunk), desc="held-out eval", leave=False, disable=rank > 0):
+        for i in tqdm(range(lo, hi, chunk), desc=f"eval {prefix or 'held-out'}", leave=False, disable=rank > 0):
             p, g = prompts[i:min(i + chunk, hi)], golds[i:min(i + chunk, hi)]
-            greedy.append(rollout(sampler, tokenizer, p, g, 1, cfg, greedy=True)["rewards"])
-            batch = rollout(sampler, tokenizer, p, g, 1, cfg, noise=noise[i:i + len(p)])
-            sampled.append(batch["rewards"])
-            entropy.append(sequence_entropy(batch["logprobs"], batch["entropy_mask"]))
-    greedy, sampled_r, entropy = all_gather(*map(torch.cat, (greedy, sampled, entropy)))
-    valid, correct = ~entropy.isnan(), sampled_r > 0
-    return {"eval_acc": greedy.mean().item(), "eval_acc_sampled": sampled_r.mean().item(),
-            "eval_auroc": auroc(-entropy[valid], sampled_r[valid]), "eval_entropy": entropy.nanmean().item(),
-            "eval_entropy_correct": entropy[correct].nanmean().item(),      # paper Section 4.4: the gap between
-            "eval_entropy_incorrect": entropy[~correct].nanmean().item()}  # these two (NaN if a class is empty)
+            parts["greedy"].append(rollout(sampler, tokenizer, p, g, 1, ecfg, greedy=True)["rewards"])
+            batch = rollout(sampler, tokenizer, p, g, k, ecfg, noise=noise[i * k:(i + len(p)) * k])
+            parts["sampled"].append(batch["rewards"])
+            parts["entropy"].append(sequence_entropy(batch["logprobs"], batch["entropy_mask"]))
+            parts["truncated"].append(batch["truncated"].float())
+    greedy, sampled, entropy, truncated = all_gather(*(torch.cat(parts[key]) for key in parts))
+    pass1 = sampled.view(-1, k).mean(1)                                                   # (problems,)
+    valid, correct = ~entropy.isnan(), sampled > 0
+    metrics = {"eval_acc": greedy.mean(), "eval_acc_sampled": pass1.mean(),
+               "eval_acc_sampled_se": pass1.std() / len(pass1) ** 0.5 if len(pass1) > 1 else torch.nan, "eval_truncated": truncated.mean(),
+               "eval_auroc": auroc(-entropy[valid], sampled[valid]), "eval_entropy": entropy.nanmean(),
+               "eval_entropy_correct": entropy[correct].nanmean(),      # Section 4.4: the gap between these
+               "eval_entropy_incorrect": entropy[~correct].nanmean()}   # two (NaN if a class is empty)
+    return {prefix + key: float(value) for key, value in metrics.items()}
+
+
+def eval_sets(cfg: Config, tokenizer, held_out: list) -> dict:
+    """{key prefix: (prompts, golds)}: the held-out split (prefix ''), or each of --eval-datasets
+    (prefix 'NAME/'), whole."""
+    if not cfg.eval_datasets:
+        rows = {"": held_out} if held_out else {}
+    else:
+        rows = {spec.partition("=")[0] + "/": read_dataset(spec) for spec in cfg.eval_datasets.split(",")}
+    return {prefix: ([build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking) for r in rs],
+                     [r["answer"] for r in rs]) for prefix, rs in rows.items()}
 
 
 def train(cfg: Config) -> dict:
@@ -1144,15 +1236,21 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     rng, noise_rng = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     policy, tokenizer = load_policy(cfg, device)
-    train_rows, test_rows = load_rows(cfg)
-    if not train_rows:
-        raise UserError(f"no training problems left after holding out --eval-size {cfg.eval_size}: lower it")
+    eval_only = cfg.steps == 0 and not cfg.sft_steps and cfg.eval_datasets  # no training set needed
+    train_rows, test_rows = ([], []) if eval_only else load_rows(cfg)
     train_prompts = [build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking) for r in train_rows]
-    test_prompts = [build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking) for r in test_rows]
-    limit, longest = context_length(policy.lm, tokenizer), max(map(len, train_prompts + test_prompts))
-    if longest + cfg.max_new_tokens > limit:
-        raise UserError(f"a prompt is {longest} tokens; with --max-new-tokens {cfg.max_new_tokens} that exceeds "
-                        f"the model's context of {limit}: use shorter questions or lower --max-new-tokens")
+    if cfg.dataset.startswith("openr1"):  # the paper's filter: prompts of at most 1024 tokens
+        kept = [i for i, p in enumerate(train_prompts) if len(p) <= 1024]
+        train_rows, train_prompts = [train_rows[i] for i in kept], [train_prompts[i] for i in kept]
+    if not train_rows and not eval_only:
+        raise UserError(f"no training problems left after holding out --eval-size {cfg.eval_size}: lower it")
+    evals = eval_sets(cfg, tokenizer, test_rows)
+    limit = context_length(policy.lm, tokenizer)
+    for prompts, new_tokens, flag in [(train_prompts, cfg.max_new_tokens, "--max-new-tokens"),
+                                      *((p, cfg.eval_max_new_tokens, "--eval-max-new-tokens") for p, _ in evals.values())]:
+        if prompts and max(map(len, prompts)) + new_tokens > limit:
+            raise UserError(f"a prompt is {max(map(len, prompts))} tokens; with {flag} {new_tokens} that exceeds "
+                            f"the model's context of {limit}: use shorter questions or lower {flag}")
     if cfg.sft_steps and not all("solution" in r for r in train_rows):
         raise UserError("--sft-steps needs worked solutions (the toy task, or GSM8K-style '... #### N' answers)")
 
@@ -1168,9 +1266,13 @@ def train(cfg: Config) -> dict:
         print(f"egpo: {method} on {cfg.model} / {cfg.dataset}, {device}"
               + (f" x {world_size} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if world_size > 1 else "")
               + f", {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(train_rows)} train / {len(test_rows)} held-out problems -> {cfg.out}")
+              f"{len(train_rows)} train problems, evaluation on "
+              + (", ".join(f"{k[:-1] or 'held-out'} ({len(p)})" for k, (p, _) in evals.items()) or "nothing")
+              + f" -> {cfg.out}")
 
-    test_golds = [r["answer"] for r in test_rows]
+    def evaluate_all() -> dict:
+        return {k: v for prefix, (prompts, golds) in evals.items()
+                for k, v in evaluate(policy, tokenizer, prompts, golds, cfg, prefix).items()}
     share = cfg.prompts_per_step // world_size
 
     def draw():  # this process's share of B training prompts, their gold answers and sampling noise
@@ -1192,16 +1294,16 @@ def train(cfg: Config) -> dict:
                 summary["sft_steps_done"] = sft_warmup(policy, tokenizer, train_rows, train_prompts, cfg, rng)
             ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
             policy = parallelize(policy, cfg)
-            if test_rows:
-                summary["before"] = evaluate(policy, tokenizer, test_prompts, test_golds, cfg)
+            if evals:
+                summary["before"] = evaluate_all()
             optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
             bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo, disable=rank > 0)
             for step in bar:
                 batch = sample_batch(policy, tokenizer, draw, cfg)
                 metrics = {"step": step, **rl_step(policy, ref_model, optimizer, batch, cfg)}
                 log_c.writelines(json.dumps({"step": step, **c}) + "\n" for c in metrics.pop("completions", []))
-                if test_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    metrics.update(evaluate(policy, tokenizer, test_prompts, test_golds, cfg))
+                if evals and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    metrics.update(evaluate_all())
                     summary["after"] = {k: metrics[k] for k in summary["before"]}
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
@@ -1228,18 +1330,21 @@ def train(cfg: Config) -> dict:
 
 
 def print_summary(summary: dict, cfg: Config):
-    columns = [(name, summary[key]) for name, key in [("before RL", "before"), ("after RL", "after")]
-               if key in summary]
+    """One table per evaluation (before and after RL): a row per benchmark."""
     if "sft_steps_done" in summary:
         print(f"\nwarm-up: {summary['sft_steps_done']} supervised steps")
-    if columns:
-        print(f"\n{'held-out (' + str(summary['steps_done']) + ' RL steps)':34s}"
-              + "".join(f" {name:>10s}" for name, _ in columns))
-        for key, label in [("eval_acc", "greedy accuracy"), ("eval_acc_sampled", "sampled accuracy"),
-                           ("eval_auroc", "AUROC of -H for correctness"), ("eval_entropy", "mean entropy proxy H"),
-                           ("eval_entropy_correct", "  of right answers"), ("eval_entropy_incorrect", "  of wrong answers")]:
-            print(f"{label:34s}" + "".join(f" {100 * r[key]:9.1f}%" if "acc" in key else f" {r[key]:10.3f}"
-                                           for _, r in columns))
+    k = cfg.eval_samples
+    for stage, title in [("before", "before RL"), ("after", f"after {summary['steps_done']} RL steps")]:
+        if stage not in summary:
+            continue
+        r = summary[stage]
+        print(f"\n{title:24s} {'greedy':>7s} {f'pass@1 ± s.e. (k={k})':>19s} {'truncated':>9s} {'AUROC of -H':>11s} "
+              f"{'H right':>7s} {'H wrong':>7s}")
+        for prefix in sorted({key[:-len("eval_acc")] for key in r if key.endswith("eval_acc")}):
+            x = {key[len(prefix):]: value for key, value in r.items() if key.startswith(prefix)}
+            print(f"{prefix[:-1] or 'held-out':24s} {100 * x['eval_acc']:6.1f}% {100 * x['eval_acc_sampled']:10.1f}% "
+                  f"± {100 * x['eval_acc_sampled_se']:4.1f}% {100 * x['eval_truncated']:8.1f}% {x['eval_auroc']:11.3f} "
+                  f"{x['eval_entropy_correct']:7.3f} {x['eval_entropy_incorrect']:7.3f}")
     files = "metrics.jsonl, " + "completions.jsonl, " * cfg.log_completions + "config.json, summary.json"
     print(f"\nwrote {cfg.out}/{files} and the model in {cfg.out}/checkpoint/")
 

@@ -953,7 +953,124 @@ def test_real_model_path_runs_on_a_local_model_and_a_gsm8k_schema_parquet(tmp_pa
     config = read_json(tmp_path / "run" / "config.json")
     assert (config["lr"], config["micro_batch_size"], config["sft_steps"]) == (1e-6, 8, 0)  # real-model defaults
     assert (config["max_new_tokens"], config["eval_every"], config["save_every"]) == (8, 50, 50)
-    assert "4 held-out" in capsys.readouterr().out
+    assert "evaluation on held-out (4)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the paper's benchmarks and protocol
+# One parquet per hub dataset, in the schema of its dataset card (README, "Datasets"), read through
+# the same loader as the hub copy (NAME=PATH).
+SCHEMAS = {
+    "math500": [{"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$.", "answer": "2", "subject": "Algebra",
+                 "level": 1, "unique_id": "test/algebra/1.json"},
+                {"problem": "Simplify $\\frac{2}{4}$.", "solution": "$\\boxed{\\frac12}$", "answer": "\\frac{1}{2}",
+                 "subject": "Algebra", "level": 2, "unique_id": "test/algebra/2.json"}],
+    "aime24": [{"id": 60, "problem": "Every morning Aya walks.", "solution": "... so 204.", "answer": "204",
+                "url": "https://artofproblemsolving.com", "year": "2024"}],
+    "minerva": [{"problem": "How far?", "solution": "s = 45 / 3600 = \\boxed{1.6} \\mathrm{~cm}", "type": "Astronomy",
+                 "idx": 0},
+                {"problem": "No box here.", "solution": "just text", "type": "Astronomy", "idx": 1}],
+    "gsm8k": [{"question": "Janet has 3 ducks and buys 2. How many?", "answer": "3 + 2 = <<3+2=5>>5\n#### 5"}],
+    "mmlu-stem": [{"question": "2 + 2 =", "choices": ["3", "4", "5", "22"], "subject": "elementary_mathematics",
+                   "answer": 1},
+                  {"question": "Which bone?", "choices": ["a", "b", "c", "d"], "subject": "anatomy", "answer": 0}],
+    "openr1": [{"problem": p, "solution": s, "answer": a, "problem_type": "Algebra", "question_type": q,
+                "source": "olympiads", "uuid": str(i), "is_reasoning_complete": [True], "generations": ["..."],
+                "correctness_math_verify": [True], "correctness_llama": None, "finish_reasons": ["stop"],
+                "correctness_count": 1, "messages": [{"role": "user", "content": p}]}
+               for i, (p, s, a, q) in enumerate([("Find x if 2x = 6.", "x = \\boxed{3}", "3", "math-word-problem"),
+                                                 ("Find x if 2x = 6.", "x = \\boxed{3}", "3", "math-word-problem"),
+                                                 ("Prove that 2 > 1.", "Trivial.", "proof", "proof"),
+                                                 ("Find y.", "unknown", "notfound", "math-word-problem"),
+                                                 ("What is 1/2 + 1/4?", "\\boxed{\\frac34}", "\\frac{3}{4}", "MCQ")])],
+}
+EXPECTED = {
+    "math500": [("What is $1+1$?", "2"), ("Simplify $\\frac{2}{4}$.", "\\frac{1}{2}")],
+    "aime24": [("Every morning Aya walks.", "204")],
+    "minerva": [("How far?", "1.6")],  # the solution's last \boxed{}; a row without one is left out
+    "gsm8k": [("Janet has 3 ducks and buys 2. How many?", "5")],
+    "mmlu-stem": [("2 + 2 =\n\nA) 3\nB) 4\nC) 5\nD) 22\n\nAnswer with the letter of the correct option.", "B")],
+    "openr1": [("Find x if 2x = 6.", "3"), ("What is 1/2 + 1/4?", "\\frac{3}{4}")],  # no duplicate, proof, notfound
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_each_dataset_loader_reads_its_hub_schema(tmp_path, name):
+    path = write_parquet(tmp_path / f"{name}.parquet", SCHEMAS[name])
+    rows = egpo.read_dataset(f"{name}={path}")
+    assert [(r["question"], r["answer"]) for r in rows] == EXPECTED[name]
+    assert egpo.DATASETS[name][0] in {"HuggingFaceH4/MATH-500", "HuggingFaceH4/aime_2024", "knoveleng/Minerva-Math",
+                                      "openai/gsm8k", "TIGER-Lab/MMLU-STEM", "open-r1/OpenR1-Math-220k"}
+
+
+def test_multiple_choice_is_verified_by_its_letter():
+    for completion in ["\\boxed{B}", "so \\boxed{(B)}", "\\boxed{B) 4}", "\\boxed{\\text{(B)}}", "\\boxed{b}",
+                       "I think...\nANSWER: B"]:
+        assert egpo.verify(completion, "B") == 1.0, completion
+    for completion in ["\\boxed{A}", "\\boxed{Because}", "\\boxed{4}", "ANSWER: C", "B", None]:
+        assert egpo.verify(completion, "B") == 0.0, completion
+
+
+def test_evaluation_defaults_are_the_papers_for_real_models():
+    real = egpo.resolve(egpo.Config(model="some/model"))
+    assert (real.eval_samples, real.eval_temperature, real.eval_top_p, real.eval_top_k,
+            real.eval_max_new_tokens) == (8, 0.6, 0.95, 20, 512)
+    tiny = egpo.resolve(egpo.Config(temperature=0.9, top_p=0.8, max_new_tokens=33))
+    assert (tiny.eval_samples, tiny.eval_temperature, tiny.eval_top_p, tiny.eval_top_k,
+            tiny.eval_max_new_tokens) == (1, 0.9, 0.8, 0, 33)
+
+
+def test_pass_at_1_is_the_mean_over_k_samples_with_its_standard_error(monkeypatch):
+    """3 problems, k = 4, the verifier's rewards replaced on real rollouts: pass@1 per problem
+    (0.5, 0, 1), mean 0.5, standard error std / sqrt(3) = 0.5 / sqrt(3); greedy (1, 0, 1)."""
+    rewards = iter([t(1, 0, 1), t(1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1)])
+    real_rollout, truncated = egpo.rollout, []
+
+    def rollout(*args, **kwargs):
+        batch = real_rollout(*args, **kwargs)
+        batch["rewards"] = next(rewards)
+        truncated.append(batch["truncated"])
+        return batch
+
+    monkeypatch.setattr(egpo, "rollout", rollout)
+    cfg = egpo.resolve(egpo.Config(eval_samples=4, eval_max_new_tokens=5, eval_temperature=0.7, eval_top_k=5))
+    policy, tok = egpo.load_policy(cfg, torch.device("cpu"))
+    m = egpo.evaluate(policy, tok, [tok(q)["input_ids"] for q in ("1+2=", "3+4=", "5+6=")], ["3", "7", "11"], cfg,
+                      prefix="toy/")
+    assert m["toy/eval_acc"] == pytest.approx(2 / 3) and m["toy/eval_acc_sampled"] == pytest.approx(0.5)
+    assert m["toy/eval_acc_sampled_se"] == pytest.approx(0.5 / 3 ** 0.5)
+    assert m["toy/eval_truncated"] == pytest.approx(truncated[1].float().mean().item())  # the samples', not greedy's
+    assert len(truncated[1]) == 12
+
+
+def test_evaluation_only_on_benchmarks_writes_one_table(tmp_path, capsys):
+    """--steps 0 on a checkpoint: every benchmark in summary.json and one table on the console."""
+    model_dir = save_tiny(tmp_path / "model")
+    gsm = write_parquet(tmp_path / "gsm8k.parquet", SCHEMAS["gsm8k"] * 1 + [
+        {"question": f"What is {a} + 1?", "answer": f"#### {a + 1}"} for a in range(5)])
+    mmlu = write_parquet(tmp_path / "mmlu.parquet", SCHEMAS["mmlu-stem"] + [dict(SCHEMAS["mmlu-stem"][0], question="3 =")])
+    egpo.main(["--model", str(model_dir), "--dataset", "toy", "--steps", "0", "--eval-samples", "3",
+               "--eval-max-new-tokens", "6", "--eval-datasets", f"gsm8k={gsm},mmlu-stem={mmlu}", "--device", "cpu",
+               "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert "after" not in summary and summary["steps_done"] == 0
+    for name in ("gsm8k", "mmlu-stem"):
+        assert {f"{name}/eval_acc", f"{name}/eval_acc_sampled", f"{name}/eval_acc_sampled_se", f"{name}/eval_truncated",
+                f"{name}/eval_auroc", f"{name}/eval_entropy_correct", f"{name}/eval_entropy_incorrect"} <= set(summary["before"])
+        assert re.search(rf"^{name} +\d+\.\d% +\d+\.\d% ± +\d+\.\d%", out, re.M), out
+    assert out.count("pass@1 ± s.e. (k=3)") == 1 and "evaluation on gsm8k (6), mmlu-stem (2)" in out
+
+
+def test_openr1_prompts_longer_than_1024_tokens_are_left_out(tmp_path, capsys):
+    model, tok = egpo.build_tiny_model(seed=0)
+    model.config.max_position_embeddings = 4096  # rotary positions: a longer context is only a number
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    long = dict(SCHEMAS["openr1"][0], problem="1+" * 600 + "1", uuid="long")  # > 1024 characters = tokens
+    data = write_parquet(tmp_path / "openr1.parquet", SCHEMAS["openr1"] + [long])
+    egpo.main(["--model", str(tmp_path / "model"), "--dataset", f"openr1={data}", "--steps", "0", "--eval-size", "0",
+               "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert "2 train problems" in capsys.readouterr().out  # 3 verifiable, distinct problems; the long one dropped
 
 
 def test_ctrl_c_saves_the_checkpoint_and_the_metrics_so_far(tmp_path):
@@ -1088,6 +1205,9 @@ def expect_user_error(argv, capsys, *words):
     (["--lr", "0"], ["--lr must be > 0"]),
     (["--beta", "-0.1"], ["--beta must be >= 0"]),
     (["--max-resample", "0"], ["--max-resample must be >= 1"]),
+    (["--eval-samples", "0"], ["--eval-samples and --eval-max-new-tokens must be >= 1"]),
+    (["--eval-top-p", "1.5"], ["--eval-top-p must be in (0, 1]"]),
+    (["--eval-datasets", "nope=x.parquet"], ["unknown dataset 'nope'", "math500"]),
     (["--algo", "grpo", "--calibration", "symmetric"], ["--calibration", "does nothing under --algo grpo"]),
     (["--algo", "dapo", "--nsr", "off", "--lambda-min", "0.5"], ["--lambda-min, --nsr", "--algo egpo"]),
 ])
@@ -1122,7 +1242,7 @@ def test_dataset_errors(tmp_path, capsys):
 
 def test_prompt_longer_than_the_context_is_a_clear_error(tmp_path, capsys):
     data = tmp_path / "long.jsonl"
-    data.write_text("".join(json.dumps({"question": "1+" * 150 + "1", "answer": "151"}) + "\n" for _ in range(4)))
+    data.write_text("".join(json.dumps({"question": "1+" * 150 + str(i), "answer": "151"}) + "\n" for i in range(4)))
     expect_user_error(["--dataset", str(data), "--eval-size", "1", "--out", str(tmp_path)], capsys,
                       "exceeds the model's context of 256", "--max-new-tokens")
 
