@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import string
 import sys
@@ -317,15 +318,17 @@ def _to_number(s: str) -> int | float | None:
 def verify(completion: str, gold: str) -> float:
     """1.0 iff the completion's final answer equals `gold` mathematically: integers exactly,
     decimals and fractions to a 1e-6 relative tolerance, else as normalised strings
-    (case-insensitive). Never raises."""
+    (case-insensitive). A gold that is one capital letter A-J is a multiple-choice option: the
+    answer must name that option alone. Never raises."""
     answer = extract_answer(completion)
     if not isinstance(gold, str):
         gold = str(gold)
-    if re.fullmatch(r"[A-J]", gold.strip()):  # multiple choice (MMLU-STEM): the letter of \boxed{B}, (B), B) 42
-        if answer is None and isinstance(completion, str) and (said := re.findall(r"ANSWER:\s*\(?([A-J])\b", completion)):
-            answer = said[-1]  # evalscope's 'ANSWER: B' format
-        letter = re.match(r"\s*(?:\\text\s*\{)?\s*\(?([A-Ja-j])(?![A-Za-z0-9])", answer or "")
-        return float(bool(letter) and letter.group(1).upper() == gold.strip())
+    if re.fullmatch(r"[A-J]", gold.strip()):  # multiple choice (MMLU-STEM): one letter, as B, (B), B) 42
+        if answer is None and isinstance(completion, str):
+            answer = (re.findall(r"ANSWER:\s*(.*)", completion) or [None])[-1]  # evalscope's 'ANSWER: B' line
+        m = re.fullmatch(r"\(?([A-J])[).:]?(?:\s+(.*))?", re.sub(_WRAPPER, r"\1", answer or "").strip())
+        return float(bool(m) and m.group(1) == gold.strip()  # and no other choice in the option's text
+                     and not re.search(r"(?<![A-Za-z])[A-J](?![A-Za-z])", m.group(2) or ""))
     if "####" in gold or _BOXED.search(gold):  # a whole GSM8K / MATH solution was passed as gold
         gold = extract_answer(gold) or ""
     if not answer or not gold.strip():
@@ -392,16 +395,16 @@ def _openr1_row(r: dict) -> dict | None:
     return {"question": str(r["problem"]), "answer": answer}
 
 
-# The hub datasets: id, config, split, and how a row becomes {question, answer[, solution]} (None:
-# left out). The ids, splits and columns are those of the dataset cards cited in the README.
+# The hub datasets: id, config, split, the columns used, and how a row becomes {question, answer[,
+# solution]} (None: left out). Ids, splits and columns are those of the dataset cards in the README.
 DATASETS = {
-    "gsm8k": ("openai/gsm8k", "main", "test", _gsm8k_row),
-    "math500": ("HuggingFaceH4/MATH-500", None, "test", _problem_row),
-    "aime24": ("HuggingFaceH4/aime_2024", None, "train", _problem_row),  # 30 problems, its only split
-    "minerva": ("knoveleng/Minerva-Math", None, "train",  # no answer column: the solution's last \boxed{}
+    "gsm8k": ("openai/gsm8k", "main", "test", "question answer", _gsm8k_row),
+    "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem answer", _problem_row),
+    "aime24": ("HuggingFaceH4/aime_2024", None, "train", "problem answer", _problem_row),  # 30, its only split
+    "minerva": ("knoveleng/Minerva-Math", None, "train", "problem solution",  # the solution's last \boxed{}
                 lambda r: {"question": str(r["problem"]), "answer": extract_answer(str(r["solution"])) or ""}),
-    "mmlu-stem": ("TIGER-Lab/MMLU-STEM", None, "test", _mmlu_row),
-    "openr1": ("open-r1/OpenR1-Math-220k", "default", "train", _openr1_row),
+    "mmlu-stem": ("TIGER-Lab/MMLU-STEM", None, "test", "question choices answer", _mmlu_row),
+    "openr1": ("open-r1/OpenR1-Math-220k", "default", "train", "problem answer", _openr1_row),
 }
 
 
@@ -415,18 +418,18 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
         raise UserError(f"{spec} needs the `datasets` package: pip install -r requirements.txt") from None
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors become our one-line message
-    name, _, path = spec.partition("=")
+    name, _, path = spec.strip().partition("=")
     if name in DATASETS:
-        hub_id, config, hub_split, to_row = DATASETS[name]
+        hub_id, config, hub_split, columns, to_row = DATASETS[name]
     elif path:
         raise UserError(f"{spec}: unknown dataset {name!r}; NAME=PATH takes one of {', '.join(DATASETS)}")
     else:
-        hub_id, config, hub_split, to_row, path = None, None, None, _gsm8k_row, spec
+        hub_id, config, hub_split, columns, to_row, path = None, None, None, "question answer", _gsm8k_row, name
     if path:
         builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
         ext = os.path.splitext(path)[1].lower()
         if ext not in builders:
-            raise UserError(f"{spec!r} is not a dataset name ({', '.join(DATASETS)}, toy) nor a "
+            raise UserError(f"{spec!r} is not a dataset name ({', '.join(DATASETS)}) nor a "
                             ".jsonl/.json/.parquet/.csv file")
         if not os.path.isfile(path):
             raise UserError(f"dataset file {path} does not exist")
@@ -442,10 +445,15 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
         except Exception as e:
             raise UserError(f"could not load {hub_id} from the hub ({type(e).__name__}); with no network, pass "
                             f"a local copy as {name}=FILE (its schema) or a file with question, answer columns") from None
-    if name not in DATASETS and {"question", "answer"} - set(table.column_names):
-        raise UserError(f"{path} has columns {table.column_names}; it needs 'question' and 'answer'")
-    rows = (to_row(r) for r in table)
-    return list({row["question"]: row for row in rows if row and row["answer"]}.values())
+    missing = [c for c in columns.split() if c not in table.column_names]
+    if missing:
+        raise UserError(f"{path or hub_id} has columns {table.column_names}; {name if path != name else 'a file'} "
+                        f"needs {' and '.join(repr(c) for c in columns.split())} (missing: {', '.join(missing)})")
+    rows = {}
+    for row in map(to_row, table):
+        if row and row["answer"]:
+            rows.setdefault(row["question"], row)  # the first of duplicate questions
+    return list(rows.values())
 
 
 def load_rows(cfg: Config) -> tuple[list, list]:
@@ -623,10 +631,8 @@ def pick(probs: torch.Tensor, u: torch.Tensor, top_p: float = 1.0, top_k: int = 
     passes u * (the kept mass), u uniform in [0, 1). top_k > 0 keeps the k likeliest tokens, then
     top_p < 1 the likeliest ones whose mass before them is < top_p (transformers' order and rule)."""
     order = None
-    if top_k > 0 or top_p < 1:
-        probs, order = probs.sort(-1, descending=True)                                   # (N, V)
-        if top_k > 0:
-            probs = torch.where(torch.arange(probs.shape[-1], device=probs.device) < top_k, probs, 0.0)
+    if top_k > 0 or top_p < 1:  # the k (or all) likeliest tokens, in decreasing order
+        probs, order = probs.topk(min(top_k, probs.shape[-1]), -1) if top_k > 0 else probs.sort(-1, descending=True)   # (N, k)
         before = probs.cumsum(-1) - probs
         probs = torch.where(before < top_p * probs.sum(-1, keepdim=True), probs, 0.0)
     cdf = probs.cumsum(-1)
@@ -683,12 +689,11 @@ def rollout(policy, tokenizer, prompts: list[list[int]], golds: list[str], n: in
     ids, attn = batch["input_ids"].repeat_interleave(n, 0), batch["attention_mask"].repeat_interleave(n, 0)
     if not greedy and noise is None:
         noise = torch.rand(len(ids), cfg.max_new_tokens)
-    stop_ids = unwrap(policy).lm.generation_config.eos_token_id
-    policy.eval()
-    with full_weights(policy) as sampler:
-        response, logprobs, token_entropy = sample(
-            sampler, ids, attn, stop_ids, tokenizer.pad_token_id, cfg.max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, top_k=cfg.top_k, noise=None if greedy else noise.to(device), bf16=cfg.bf16)  # (P*n, T) x 3
+    policy = unwrap(policy).eval()  # under FSDP, call it inside full_weights(): one gather for many rollouts
+    stop_ids = policy.lm.generation_config.eos_token_id
+    response, logprobs, token_entropy = sample(
+        policy, ids, attn, stop_ids, tokenizer.pad_token_id, cfg.max_new_tokens, temperature=cfg.temperature,
+        top_p=cfg.top_p, top_k=cfg.top_k, noise=None if greedy else noise.to(device), bf16=cfg.bf16)  # (P*n, T) x 3
     response_mask = eos_mask(response, stop_ids)                                                # (P*n, T)
     entropy_mask = response_mask
     if cfg.entropy_span == "answer":
@@ -873,11 +878,13 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps_low=0.2, c
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """P(score of a random positive > score of a random negative), ties counted 1/2;
     NaN when one class is absent (Mann-Whitney U)."""
-    pos, neg = scores[labels > 0].float(), scores[labels <= 0].float()
-    if len(pos) == 0 or len(neg) == 0:
+    pos = labels > 0
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    diff = pos[:, None] - neg[None, :]
-    return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+    values, inverse, counts = scores.double().unique(return_inverse=True, return_counts=True)
+    rank = (counts.cumsum(0) - (counts - 1) / 2)[inverse]  # 1-based ranks, ties given their mean rank
+    return ((rank[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
 
 
 def calibration_metrics(rewards, entropy, adv, adv_hat, group_size: int) -> dict:
@@ -932,13 +939,21 @@ def all_sum(x, device) -> torch.Tensor:
     return x
 
 
+def all_gather_objects(rows: list) -> list:
+    """The lists of all processes, concatenated, rank 0's first: the rows and order of one process
+    running the whole batch."""
+    if world()[1] == 1:
+        return rows
+    parts = [None] * world()[1]
+    torch.distributed.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]
+
+
 def all_gather(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Each tensor concatenated over the processes, rank 0's rows first (the same rows and order
-    as one process running the whole batch)."""
+    """Each tensor concatenated over the processes, rank 0's rows first."""
     if world()[1] == 1:
         return list(tensors)
-    parts = [None] * world()[1]
-    torch.distributed.all_gather_object(parts, [x.cpu() for x in tensors])
+    parts = all_gather_objects([[x.cpu() for x in tensors]])
     return [torch.cat(xs).to(x.device) for xs, x in zip(zip(*parts), tensors)]
 
 
@@ -949,7 +964,7 @@ def init_distributed(cfg: Config) -> torch.device:
     if world_size == 1:
         if cfg.fsdp:
             raise UserError("--fsdp shards the model over several processes: run it with "
-                            "torchrun --nproc_per_node N egpo.py --fsdp ...")
+                            "torchrun --nproc_per_node N egpo.py --fsdp ..., N >= 2")
         return torch.device(cfg.device)
     if cfg.prompts_per_step % world_size:
         raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {world_size} "
@@ -1004,6 +1019,7 @@ def full_weights(policy):
         for m in sharded:
             m.reshard()
         policy.set_reshard_after_forward(True)
+        policy.set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root
 
 
 def save_checkpoint(policy, tokenizer, out: str):
@@ -1016,9 +1032,14 @@ def save_checkpoint(policy, tokenizer, out: str):
     if isinstance(policy, FSDPModule):
         state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         state = {k.removeprefix("lm."): v for k, v in state.items()}
-    if world()[0] == 0:
-        unwrap(policy).lm.save_pretrained(os.path.join(out, "checkpoint"), state_dict=state)
-        tokenizer.save_pretrained(os.path.join(out, "checkpoint"))
+    if world()[0] == 0:  # written next to the last one, then swapped in: a kill while writing loses nothing
+        final, new, old = (os.path.join(out, name) for name in ("checkpoint", "checkpoint.new", "checkpoint.old"))
+        unwrap(policy).lm.save_pretrained(new, state_dict=state)
+        tokenizer.save_pretrained(new)
+        if os.path.isdir(final):
+            os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ====================================================================================
@@ -1149,7 +1170,9 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
                                       ref_logprobs=None if ref is None else ref[s], beta=cfg.beta,
                                       loss_agg=cfg.loss_agg)
             share = (mask[s].sum() if cfg.loss_agg == "token-mean" else s.stop - s.start) / total
-            (loss * share * world_size).backward()
+            last = s is chunks[-1]  # DDP all-reduces the gradients once, after the last micro-batch
+            with contextlib.nullcontext() if last or world_size == 1 or cfg.fsdp else policy.no_sync():
+                (loss * share * world_size).backward()
             logs["loss"] += loss.item() * float(share) / cfg.mu
             for k in ("kl", "clip_frac"):
                 logs[k] += stats[k] * float(mask[s].sum() / n_tokens) / cfg.mu
@@ -1161,11 +1184,11 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
         logs[k] = all_sum(logs[k], ids.device).item()
     if ids.is_cuda:
         logs["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(ids.device) / 2 ** 30
-    if cfg.log_completions:  # train() moves these to completions.jsonl
+    if cfg.log_completions:  # train() moves these to completions.jsonl; all processes' rows, in order
         columns = zip(batch["prompts"], batch["texts"], *(x.tolist() for x in (rewards, entropy, adv, adv_hat)))
-        logs["completions"] = [
-            {"group": i // G, "prompt": prompt, "completion": text, "reward": r, "entropy": h, "advantage": a,
-             "egpo_advantage": a_hat} for i, (prompt, text, r, h, a, a_hat) in enumerate(columns)]
+        rows = [{"prompt": prompt, "completion": text, "reward": r, "entropy": h, "advantage": a,
+                 "egpo_advantage": a_hat} for prompt, text, r, h, a, a_hat in columns]
+        logs["completions"] = [{"group": i // G, **row} for i, row in enumerate(all_gather_objects(rows))]
     rewards, entropy, adv, adv_hat, truncated = all_gather(rewards, entropy, adv, adv_hat, batch["truncated"])
     return {**calibration_metrics(rewards, entropy, adv, adv_hat, G), **logs,
             "completion_len": n_tokens.item() / len(rewards), "truncated_frac": truncated.float().mean().item(),
@@ -1190,7 +1213,7 @@ def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config, prefix:
                                max_new_tokens=cfg.eval_max_new_tokens)
     noise = torch.rand(len(prompts) * k, ecfg.max_new_tokens, generator=torch.Generator().manual_seed(cfg.seed + 1))
     lo, hi = rank * len(prompts) // world_size, (rank + 1) * len(prompts) // world_size
-    chunk = max(1, cfg.prompts_per_step * cfg.group_size // k)  # problems per rollout
+    chunk = max(1, cfg.prompts_per_step // world_size * cfg.group_size // k)  # problems per rollout, as training
     device = next(policy.parameters()).device
     parts = {key: [torch.zeros(0, device=device)] for key in ("greedy", "sampled", "entropy", "truncated")}
     with full_weights(policy) as sampler:
@@ -1218,7 +1241,7 @@ def eval_sets(cfg: Config, tokenizer, held_out: list) -> dict:
     if not cfg.eval_datasets:
         rows = {"": held_out} if held_out else {}
     else:
-        rows = {spec.partition("=")[0] + "/": read_dataset(spec) for spec in cfg.eval_datasets.split(",")}
+        rows = {spec.strip().partition("=")[0] + "/": read_dataset(spec) for spec in cfg.eval_datasets.split(",")}
     return {prefix: ([build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking) for r in rs],
                      [r["answer"] for r in rs]) for prefix, rs in rows.items()}
 
@@ -1242,6 +1265,7 @@ def train(cfg: Config) -> dict:
     if cfg.dataset.startswith("openr1"):  # the paper's filter: prompts of at most 1024 tokens
         kept = [i for i, p in enumerate(train_prompts) if len(p) <= 1024]
         train_rows, train_prompts = [train_rows[i] for i in kept], [train_prompts[i] for i in kept]
+        test_rows = [r for r in test_rows if len(build_prompt(tokenizer, r["question"], "", cfg.thinking)) <= 1024]
     if not train_rows and not eval_only:
         raise UserError(f"no training problems left after holding out --eval-size {cfg.eval_size}: lower it")
     evals = eval_sets(cfg, tokenizer, test_rows)
@@ -1320,7 +1344,8 @@ def train(cfg: Config) -> dict:
         if rank == 0:
             print(f"\ninterrupted after {summary['steps_done']} RL steps: saving what exists", file=sys.stderr)
     finally:
-        save_checkpoint(policy, tokenizer, cfg.out)
+        if summary["steps_done"] or cfg.sft_steps:  # an evaluation-only run has no new model to save
+            save_checkpoint(policy, tokenizer, cfg.out)
         if rank == 0:
             with open(os.path.join(cfg.out, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
@@ -1346,7 +1371,8 @@ def print_summary(summary: dict, cfg: Config):
                   f"± {100 * x['eval_acc_sampled_se']:4.1f}% {100 * x['eval_truncated']:8.1f}% {x['eval_auroc']:11.3f} "
                   f"{x['eval_entropy_correct']:7.3f} {x['eval_entropy_incorrect']:7.3f}")
     files = "metrics.jsonl, " + "completions.jsonl, " * cfg.log_completions + "config.json, summary.json"
-    print(f"\nwrote {cfg.out}/{files} and the model in {cfg.out}/checkpoint/")
+    saved = f" and the model in {cfg.out}/checkpoint/" if summary["steps_done"] or cfg.sft_steps else ""
+    print(f"\nwrote {cfg.out}/{files}{saved}")
 
 
 # ====================================================================================
@@ -1377,7 +1403,7 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if world()[0] == 0:
+    if int(os.environ.get("RANK", 0)) == 0:  # torchrun's rank; train() has left the process group
         print_summary(summary, cfg)
     if summary.get("interrupted"):
         sys.exit(130)

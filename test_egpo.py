@@ -998,15 +998,20 @@ def test_each_dataset_loader_reads_its_hub_schema(tmp_path, name):
     path = write_parquet(tmp_path / f"{name}.parquet", SCHEMAS[name])
     rows = egpo.read_dataset(f"{name}={path}")
     assert [(r["question"], r["answer"]) for r in rows] == EXPECTED[name]
-    assert egpo.DATASETS[name][0] in {"HuggingFaceH4/MATH-500", "HuggingFaceH4/aime_2024", "knoveleng/Minerva-Math",
-                                      "openai/gsm8k", "TIGER-Lab/MMLU-STEM", "open-r1/OpenR1-Math-220k"}
+
+
+def test_a_local_copy_in_the_wrong_schema_is_a_clear_error(tmp_path, capsys):
+    path = write_parquet(tmp_path / "qa.parquet", [{"question": "1+1", "answer": "2"}] * 3)
+    expect_user_error(["--steps", "0", "--sft-steps", "0", "--eval-datasets", f"math500={path}", "--out", str(tmp_path)],
+                      capsys, "math500 needs 'problem' and 'answer'", "missing: problem")
 
 
 def test_multiple_choice_is_verified_by_its_letter():
-    for completion in ["\\boxed{B}", "so \\boxed{(B)}", "\\boxed{B) 4}", "\\boxed{\\text{(B)}}", "\\boxed{b}",
-                       "I think...\nANSWER: B"]:
+    for completion in ["\\boxed{B}", "so \\boxed{(B)}", "\\boxed{B) 4}", "\\boxed{\\text{(B)}}", "\\boxed{\\textbf{(B)}}",
+                       "\\boxed{\\mathrm{B}}", "\\boxed{B.}", "I think...\nANSWER: B", "ANSWER: (B) 4"]:
         assert egpo.verify(completion, "B") == 1.0, completion
-    for completion in ["\\boxed{A}", "\\boxed{Because}", "\\boxed{4}", "ANSWER: C", "B", None]:
+    for completion in ["\\boxed{A}", "\\boxed{Because}", "\\boxed{4}", "ANSWER: C", "B", None, "\\boxed{A, B}",
+                       "\\boxed{A and B}", "\\boxed{(B) and (C)}", "\\boxed{b}", "\\boxed{B_1}", "\\boxed{B^2}"]:
         assert egpo.verify(completion, "B") == 0.0, completion
 
 
@@ -1119,16 +1124,23 @@ def test_auto_device_and_bf16(cuda, monkeypatch):
 
 
 # ---------------------------------------------------------------- torchrun: DDP and FSDP on CPU (gloo)
-DIST = ["--steps", "2", "--sft-steps", "0", "--eval-size", "8", "--prompts-per-step", "4", "--group-size", "4",
+# 17 held-out problems: shares of 8 and 9, so the processes run different numbers of rollouts
+DIST = ["--steps", "2", "--sft-steps", "0", "--eval-size", "17", "--prompts-per-step", "4", "--group-size", "4",
         "--max-new-tokens", "30"]
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("one-process")
-    p = run_cli(*DIST, "--out", str(out), timeout=600)
+    p = run_cli(*DIST, "--log-completions", "--out", str(out), timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     return out
+
+
+def torchrun(*args, nproc=2, **kwargs):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           str(HERE / "egpo.py"), *args], capture_output=True, text=True, cwd=HERE, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, **kwargs)
 
 
 @pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
@@ -1139,11 +1151,9 @@ def test_two_processes_make_the_update_and_the_metrics_of_one(one_process, tmp_p
     processes' responses have different numbers of tokens: a per-process denominator fails here."""
     from safetensors.torch import load_file
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(HERE / "egpo.py"),
-           *DIST, *mode, "--out", str(tmp_path)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=600,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    p = torchrun(*DIST, *mode, "--log-completions", "--out", str(tmp_path))
     assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("pass@1") == 2  # rank 0's summary only: a table before and one after RL
     assert read_json(tmp_path / "config.json")["world_size"] == 2
     one, two = (load_file(d / "checkpoint" / "model.safetensors") for d in (one_process, tmp_path))
     assert set(one) <= set(two) and max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-6
@@ -1154,6 +1164,19 @@ def test_two_processes_make_the_update_and_the_metrics_of_one(one_process, tmp_p
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7, nan_ok=True), k
     assert read_json(tmp_path / "summary.json")["after"] == pytest.approx(
         read_json(one_process / "summary.json")["after"], rel=1e-5, nan_ok=True)
+    c1, c2 = ([json.loads(line) for line in (d / "completions.jsonl").read_text().splitlines()]
+              for d in (one_process, tmp_path))  # every response of both processes, groups numbered globally
+    assert [(r["group"], r["completion"], r["reward"]) for r in c1] == [(r["group"], r["completion"], r["reward"])
+                                                                        for r in c2]
+
+
+def test_dapo_runs_under_torchrun(tmp_path):
+    """Dynamic sampling with 2 processes: the same rounds on both, whole groups, every row logged."""
+    p = torchrun(*DIST, "--algo", "dapo", "--max-resample", "2", "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    records = read_metrics(tmp_path)
+    assert len(records) == 2 and all(r["groups_sampled"] in (4, 8) for r in records)
+    assert all(r["groups_all_correct"] + r["groups_all_wrong"] + r["groups_mixed"] == 4 for r in records)
 
 
 def test_ctrl_c_on_one_torchrun_process_stops_all_and_saves(tmp_path):
