@@ -183,7 +183,8 @@ def resolve(cfg: Config) -> Config:
         (0 < cfg.top_p <= 1 and 0 < cfg.eval_top_p <= 1, "--top-p and --eval-top-p must be in (0, 1]"),
         (cfg.top_k >= 0 and cfg.eval_top_k >= 0, "--top-k and --eval-top-k must be >= 0"),
         (cfg.eval_temperature > 0, f"--eval-temperature must be > 0 (got {cfg.eval_temperature})"),
-        (cfg.eval_samples >= 1 and cfg.eval_max_new_tokens >= 1, "--eval-samples and --eval-max-new-tokens must be >= 1"),
+        (cfg.eval_samples >= 1 and cfg.eval_max_new_tokens >= 1,
+         "--eval-samples and --eval-max-new-tokens must be >= 1"),
         (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})"),
         (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
         (cfg.beta >= 0, f"--beta must be >= 0 (got {cfg.beta}): it weighs a KL penalty"),
@@ -444,7 +445,8 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
             table = datasets.load_dataset(hub_id, config, split=split or hub_split)
         except Exception as e:
             raise UserError(f"could not load {hub_id} from the hub ({type(e).__name__}); with no network, pass "
-                            f"a local copy as {name}=FILE (its schema) or a file with question, answer columns") from None
+                            f"a local copy as {name}=FILE (its schema) or a file with question, answer "
+                            "columns") from None
     missing = [c for c in columns.split() if c not in table.column_names]
     if missing:
         raise UserError(f"{path or hub_id} has columns {table.column_names}; {name if path != name else 'a file'} "
@@ -632,7 +634,8 @@ def pick(probs: torch.Tensor, u: torch.Tensor, top_p: float = 1.0, top_k: int = 
     top_p < 1 the likeliest ones whose mass before them is < top_p (transformers' order and rule)."""
     order = None
     if top_k > 0 or top_p < 1:  # the k (or all) likeliest tokens, in decreasing order
-        probs, order = probs.topk(min(top_k, probs.shape[-1]), -1) if top_k > 0 else probs.sort(-1, descending=True)   # (N, k)
+        k = min(top_k, probs.shape[-1]) if top_k > 0 else probs.shape[-1]
+        probs, order = probs.topk(k, -1)                                                 # (N, k)
         before = probs.cumsum(-1) - probs
         probs = torch.where(before < top_p * probs.sum(-1, keepdim=True), probs, 0.0)
     cdf = probs.cumsum(-1)
@@ -703,7 +706,8 @@ def rollout(policy, tokenizer, prompts: list[list[int]], golds: list[str], n: in
     golds = [g for g in golds for _ in range(n)]
     rewards = torch.tensor([verify(t, g) for t, g in zip(texts, golds)], device=device)
     truncated = ~torch.isin(response, torch.tensor(stop_ids, device=device)).any(1)          # (P*n,)
-    return {"input_ids": torch.cat([ids, response], 1), "attention_mask": torch.cat([attn, torch.ones_like(response)], 1),
+    return {"input_ids": torch.cat([ids, response], 1),
+            "attention_mask": torch.cat([attn, torch.ones_like(response)], 1),
             "response_mask": response_mask, "entropy_mask": entropy_mask, "truncated": truncated,
             "logprobs": logprobs, "token_entropy": token_entropy, "rewards": rewards, "texts": texts,
             "prompts": [p for p in tokenizer.batch_decode(prompts, skip_special_tokens=True) for _ in range(n)]}
@@ -1228,7 +1232,8 @@ def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config, prefix:
     pass1 = sampled.view(-1, k).mean(1)                                                   # (problems,)
     valid, correct = ~entropy.isnan(), sampled > 0
     metrics = {"eval_acc": greedy.mean(), "eval_acc_sampled": pass1.mean(),
-               "eval_acc_sampled_se": pass1.std() / len(pass1) ** 0.5 if len(pass1) > 1 else torch.nan, "eval_truncated": truncated.mean(),
+               "eval_acc_sampled_se": pass1.std() / len(pass1) ** 0.5 if len(pass1) > 1 else torch.nan,
+               "eval_truncated": truncated.mean(),
                "eval_auroc": auroc(-entropy[valid], sampled[valid]), "eval_entropy": entropy.nanmean(),
                "eval_entropy_correct": entropy[correct].nanmean(),      # Section 4.4: the gap between these
                "eval_entropy_incorrect": entropy[~correct].nanmean()}   # two (NaN if a class is empty)
@@ -1270,8 +1275,9 @@ def train(cfg: Config) -> dict:
         raise UserError(f"no training problems left after holding out --eval-size {cfg.eval_size}: lower it")
     evals = eval_sets(cfg, tokenizer, test_rows)
     limit = context_length(policy.lm, tokenizer)
-    for prompts, new_tokens, flag in [(train_prompts, cfg.max_new_tokens, "--max-new-tokens"),
-                                      *((p, cfg.eval_max_new_tokens, "--eval-max-new-tokens") for p, _ in evals.values())]:
+    lengths = [(train_prompts, cfg.max_new_tokens, "--max-new-tokens")]
+    lengths += [(prompts, cfg.eval_max_new_tokens, "--eval-max-new-tokens") for prompts, _ in evals.values()]
+    for prompts, new_tokens, flag in lengths:
         if prompts and max(map(len, prompts)) + new_tokens > limit:
             raise UserError(f"a prompt is {max(map(len, prompts))} tokens; with {flag} {new_tokens} that exceeds "
                             f"the model's context of {limit}: use shorter questions or lower {flag}")
@@ -1368,7 +1374,8 @@ def print_summary(summary: dict, cfg: Config):
         for prefix in sorted({key[:-len("eval_acc")] for key in r if key.endswith("eval_acc")}):
             x = {key[len(prefix):]: value for key, value in r.items() if key.startswith(prefix)}
             print(f"{prefix[:-1] or 'held-out':24s} {100 * x['eval_acc']:6.1f}% {100 * x['eval_acc_sampled']:10.1f}% "
-                  f"± {100 * x['eval_acc_sampled_se']:4.1f}% {100 * x['eval_truncated']:8.1f}% {x['eval_auroc']:11.3f} "
+                  f"± {100 * x['eval_acc_sampled_se']:4.1f}% {100 * x['eval_truncated']:8.1f}% "
+                  f"{x['eval_auroc']:11.3f} "
                   f"{x['eval_entropy_correct']:7.3f} {x['eval_entropy_incorrect']:7.3f}")
     files = "metrics.jsonl, " + "completions.jsonl, " * cfg.log_completions + "config.json, summary.json"
     saved = f" and the model in {cfg.out}/checkpoint/" if summary["steps_done"] or cfg.sft_steps else ""
