@@ -96,7 +96,10 @@ class Config:
     mu: int = flag(1, "optimizer steps on each sampled batch (PPO epochs)")
     max_grad_norm: float = flag(1.0, "gradient-norm clipping")
     micro_batch_size: int = flag(None, "responses per forward/backward; gradients accumulate "
-                                       "[auto: whole batch for tiny, 8 for real models]")
+                                       "[auto: see --micro-batch-tokens]")
+    micro_batch_tokens: int = flag(None, "unless --micro-batch-size is given: as many responses per forward/backward "
+                                         "as fit this many tokens, prompt and padding included (verl: "
+                                         "ppo_max_token_len_per_gpu) [auto: whole batch for tiny, 8192 for real models]")
     gradient_checkpointing: bool = flag(False, "trade compute for memory in the update (real models)")
     fsdp: bool = flag(False, "under torchrun, shard parameters, gradients and optimizer state over the "
                              "processes (FSDP2) instead of a full copy each (DDP)")
@@ -131,7 +134,7 @@ class Config:
 
 # Values of the "auto" (None) defaults: (tiny offline demo, real models).
 AUTO = {
-    "steps": (100, 200), "max_new_tokens": (40, 512), "lr": (1e-4, 1e-6), "micro_batch_size": (None, 8),
+    "steps": (100, 200), "max_new_tokens": (40, 512), "lr": (1e-4, 1e-6), "micro_batch_tokens": (None, 8192),
     "eval_every": (0, 50), "save_every": (0, 50), "bf16": (False, True), "eval_samples": (1, 8),
 }
 ALIASES = {name: "Qwen/" + name for name in [
@@ -190,7 +193,8 @@ def resolve(cfg: Config) -> Config:
         (cfg.beta >= 0, f"--beta must be >= 0 (got {cfg.beta}): it weighs a KL penalty"),
         (cfg.mu >= 1, f"--mu must be >= 1 (got {cfg.mu})"),
         (cfg.max_resample >= 1, f"--max-resample must be >= 1 (got {cfg.max_resample})"),
-        (cfg.micro_batch_size is None or cfg.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
+        ((cfg.micro_batch_size or 1) >= 1 and (cfg.micro_batch_tokens or 1) >= 1,
+         "--micro-batch-size and --micro-batch-tokens must be >= 1"),
         (cfg.eval_size >= 0 and cfg.eval_every >= 0, "--eval-size and --eval-every must be >= 0"),
         (cfg.sft_steps >= 0 and cfg.save_every >= 0, "--sft-steps and --save-every must be >= 0"),
         (cfg.toy_digits >= 1, "--toy-digits must be >= 1"),
@@ -605,8 +609,9 @@ class Policy(torch.nn.Module):
         flat, parts = targets.flatten(), []
         for i in range(0, len(flat), LOGIT_CHUNK):
             chunk = (hidden[i:i + LOGIT_CHUNK], head, flat[i:i + LOGIT_CHUNK], temperature)
+            recompute = torch.is_grad_enabled() and len(flat) > LOGIT_CHUNK  # one chunk: nothing to save
             parts.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, *chunk, use_reentrant=False)
-                         if torch.is_grad_enabled() else chunk_logprobs(*chunk))
+                         if recompute else chunk_logprobs(*chunk))
         return torch.cat(parts).view(targets.shape)                                      # (N, T)
 
 
@@ -943,6 +948,16 @@ def all_sum(x, device) -> torch.Tensor:
     return x
 
 
+def all_max(x: int, device) -> int:
+    """The largest x over the processes. Under torchrun the widest process's sequence length sets
+    everyone's micro-batches, so that every process runs as many forwards (FSDP's collectives
+    need it)."""
+    x = torch.tensor(x, device=device)
+    if world()[1] > 1:
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+    return int(x)
+
+
 def all_gather_objects(rows: list) -> list:
     """The lists of all processes, concatenated, rank 0's first: the rows and order of one process
     running the whole batch."""
@@ -1088,9 +1103,10 @@ def pad_right(rows: list[list[int]], value: int, device) -> torch.Tensor:
     return torch.tensor([row + [value] * (width - len(row)) for row in rows], device=device)
 
 
-def micro_batches(n: int, cfg: Config) -> list[slice]:
-    """Row slices of at most --micro-batch-size responses (one slice when it is unset)."""
-    size = cfg.micro_batch_size or n
+def micro_batches(n: int, width: int, cfg: Config) -> list[slice]:
+    """Row slices of at most --micro-batch-size responses, else of at most --micro-batch-tokens
+    tokens (rows x `width`, the padded sequence length), else one slice."""
+    size = cfg.micro_batch_size or (max(1, cfg.micro_batch_tokens // width) if cfg.micro_batch_tokens else n)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
@@ -1098,8 +1114,9 @@ def micro_batches(n: int, cfg: Config) -> list[slice]:
 def frozen_logprobs(policy, input_ids, attention_mask, n_response: int, cfg: Config):
     """token_logprobs without gradients, over the same micro-batches as the update: the old
     policy's when --mu > 1, and the reference model's."""
+    chunks = micro_batches(len(input_ids), all_max(input_ids.shape[1], input_ids.device), cfg)
     return torch.cat([token_logprobs(policy, input_ids[s], attention_mask[s], n_response, cfg.temperature, cfg.bf16)
-                      for s in micro_batches(len(input_ids), cfg)])                      # (N, T)
+                      for s in chunks])                                                  # (N, T)
 
 
 def sample_batch(policy, tokenizer, draw, cfg: Config) -> dict:
@@ -1139,7 +1156,7 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     rewards, G = batch["rewards"], cfg.group_size
     n, n_response, world_size = ids.shape[0], mask.shape[1], world()[1]
-    chunks = micro_batches(n, cfg)
+    chunks = micro_batches(n, all_max(ids.shape[1], ids.device), cfg)
     # The old policy is the sampler: with one epoch (mu = 1) the update's own forward, detached,
     # is pi_old (the first ratio is exactly 1, as in TRL); with more, its log-probs recomputed once.
     old = frozen_logprobs(policy, ids, attn, n_response, cfg) if cfg.mu > 1 else None  # (N, T)

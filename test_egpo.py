@@ -896,6 +896,15 @@ def test_rl_step_trains_on_the_advantages_its_flags_ask_for(flags):
     assert (logged[4:] == 0).all() == ("algo" in flags or flags.get("nsr") == "off")  # NSR acts, or not
 
 
+def test_micro_batches_by_responses_or_by_tokens():
+    cfg = egpo.resolve(egpo.Config(model="some/model"))  # real models: at most 8192 tokens per forward
+    assert egpo.micro_batches(64, 600, cfg) == [slice(i, min(i + 13, 64)) for i in range(0, 64, 13)]  # 13 x 600
+    assert egpo.micro_batches(64, 10_000, cfg) == [slice(i, i + 1) for i in range(64)]  # longer than the budget
+    cfg.micro_batch_size = 8  # a size, when given, wins
+    assert egpo.micro_batches(20, 600, cfg) == [slice(0, 8), slice(8, 16), slice(16, 20)]
+    assert egpo.micro_batches(20, 600, egpo.resolve(egpo.Config())) == [slice(0, 20)]  # tiny: the whole batch
+
+
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
 def test_micro_batching_does_not_change_the_update(tmp_path, loss_agg):
     one = QUICK + ["--steps", "1", "--eval-size", "0", "--loss-agg", loss_agg]
@@ -951,7 +960,7 @@ def test_real_model_path_runs_on_a_local_model_and_a_gsm8k_schema_parquet(tmp_pa
     records = read_metrics(tmp_path / "run")
     assert len(records) == 2 and set(SPEC_KEYS) <= set(records[0])
     config = read_json(tmp_path / "run" / "config.json")
-    assert (config["lr"], config["micro_batch_size"], config["sft_steps"]) == (1e-6, 8, 0)  # real-model defaults
+    assert (config["lr"], config["micro_batch_tokens"], config["sft_steps"]) == (1e-6, 8192, 0)  # real-model defaults
     assert (config["max_new_tokens"], config["eval_every"], config["save_every"]) == (8, 50, 50)
     assert "evaluation on held-out (4)" in capsys.readouterr().out
 
