@@ -1287,7 +1287,8 @@ def train(cfg: Config) -> dict:
     if cfg.dataset.startswith("openr1"):  # the paper's filter: prompts of at most 1024 tokens
         kept = [i for i, p in enumerate(train_prompts) if len(p) <= 1024]
         train_rows, train_prompts = [train_rows[i] for i in kept], [train_prompts[i] for i in kept]
-        test_rows = [r for r in test_rows if len(build_prompt(tokenizer, r["question"], "", cfg.thinking)) <= 1024]
+        test_rows = [r for r in test_rows
+                     if len(build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking)) <= 1024]
     if not train_rows and not eval_only:
         raise UserError(f"no training problems left after holding out --eval-size {cfg.eval_size}: lower it")
     evals = eval_sets(cfg, tokenizer, test_rows)
@@ -1320,6 +1321,7 @@ def train(cfg: Config) -> dict:
     def evaluate_all() -> dict:
         return {k: v for prefix, (prompts, golds) in evals.items()
                 for k, v in evaluate(policy, tokenizer, prompts, golds, cfg, prefix).items()}
+
     share = cfg.prompts_per_step // world_size
 
     def draw():  # this process's share of B training prompts, their gold answers and sampling noise
