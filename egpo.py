@@ -249,9 +249,10 @@ def extract_answer(text: str) -> str | None:
 _NUM = r"\d+(?:\.\d*)?|\.\d+"
 _RATIO = re.compile(rf"([-+]?{_NUM})\s*/\s*([-+]?{_NUM})")
 _FRAC = re.compile(rf"(\d*)\s*\\frac\s*(?:\{{\s*([-+]?{_NUM})\s*\}}|(\d))\s*(?:\{{\s*([-+]?{_NUM})\s*\}}|(\d))")
-_WRAPPER = r"\\(?:text|textbf|textit|textnormal|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}"
+_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textnormal|mbox|mathrm|mathbf|operatorname)\s*(?=\{)")
+_SPACING = re.compile(r"\\\\|\\[,;: ]|~|\\(?:left|right)(?![A-Za-z])")  # a row break \\ is kept as it is
+_THOUSANDS = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])")  # 1,234,567 (and 12,345.5)
 _POWER = r"(?:\^\{?\d\}?|[²³])?"  # cm^2, m²
-_TRAILING_WRAPPER = re.compile(rf"{_WRAPPER}\s*{_POWER}$")
 _LAST_WORD = re.compile(rf"(?<![A-Za-z])([A-Za-z]+){_POWER}$")  # starts only where a word starts: linear
 _UNITS = set("""mm cm m km g kg mg lb lbs oz s sec secs second seconds min mins minute minutes hr hrs
 hour hours day days week weeks month months year years dollar dollars cent cents unit units meter meters
@@ -265,6 +266,28 @@ def _strip_outer_braces(s: str) -> str:
     while pairs.get(k) == len(s) - 1 - k > k:
         k += 1
     return s[k:len(s) - k].strip()
+
+
+def _unwrap(s: str) -> str:
+    """'\\text{\\textbf{5} cm}' -> '5 cm': every text wrapper, nested ones too, in one pass."""
+    starts = list(_WRAPPER.finditer(s))
+    pairs = _brace_pairs(s) if starts else {}
+    cuts = sorted(cut for m in starts if m.end() in pairs for cut in ((m.start(), m.end() + 1),
+                                                                     (pairs[m.end()], pairs[m.end()] + 1)))
+    kept, i = [], 0
+    for a, b in cuts:
+        kept.append(s[i:a])
+        i = b
+    return "".join(kept) + s[i:]
+
+
+def _strip_thousands(s: str) -> str:
+    """'1,234,567' -> '1234567', but only when every comma of s sits in such a number: in
+    '45,135^\\circ' or '1,500,2' the commas separate a list."""
+    numbers = _THOUSANDS.findall(s)
+    if not numbers or s.count(",") != sum(n.count(",") for n in numbers):
+        return s
+    return _THOUSANDS.sub(lambda m: m.group().replace(",", ""), s)
 
 
 def _strip_units(s: str) -> str:
@@ -284,14 +307,10 @@ def _normalize(s: str) -> str:
     text wrappers, \\left/\\right, degrees, percent, thousands separators, a trailing unit."""
     s = _strip_outer_braces(s.strip().replace("\u2212", "-"))  # Unicode minus
     s = re.sub(r",\\!\s*", ",", s).replace("{,}", ",").replace("\\!", "").replace("\\$", "").replace("$", "")
-    for spacing in ("\\,", "\\;", "\\:", "\\ ", "~", "\\left", "\\right"):
-        s = s.replace(spacing, " ")
+    s = _SPACING.sub(lambda m: m.group() if m.group() == "\\\\" else " ", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
-    if (m := _TRAILING_WRAPPER.search(s)) and re.search(r"[\d}]$", s[:m.start()].strip()):
-        s = s[:m.start()]  # 5\text{ cm}^2 -> 5: a \text{} after a number is its unit
-    s = re.sub(_WRAPPER, r"\1", s)
+    s = _unwrap(_strip_thousands(s))  # '2, 500' stays a list; 5\text{ cm} -> '5 cm', whose unit goes below
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree|\\%|%|\bpercent\b|\bpct\b", "", s)
-    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)  # 1,000,000 -> 1000000; '2, 500' stays a list
     s = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
     s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s.strip())  # x = 5 -> 5
     s = s.strip().rstrip(".").strip()
@@ -331,7 +350,7 @@ def verify(completion: str, gold: str) -> float:
     if re.fullmatch(r"[A-J]", gold.strip()):  # multiple choice (MMLU-STEM): one letter, as B, (B), B) 42
         if answer is None and isinstance(completion, str):
             answer = (re.findall(r"ANSWER:\s*(.*)", completion) or [None])[-1]  # evalscope's 'ANSWER: B' line
-        m = re.fullmatch(r"\(?([A-J])[).:]?(?:\s+(.*))?", re.sub(_WRAPPER, r"\1", answer or "").strip())
+        m = re.fullmatch(r"\(?([A-J])[).:]?(?:\s+(.*))?", _unwrap(answer or "").strip())
         return float(bool(m) and m.group(1) == gold.strip()  # and no other choice in the option's text
                      and not re.search(r"(?<![A-Za-z])[A-J](?![A-Za-z])", m.group(2) or ""))
     if "####" in gold or _BOXED.search(gold):  # a whole GSM8K / MATH solution was passed as gold

@@ -386,7 +386,41 @@ MATH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("completion,gold,expected", GSM8K_CASES + MATH_CASES)
+# A \text{...} after a number is dropped only when it holds unit words, and wrappers nest.
+TEXT_WRAPPER_CASES = [
+    ("\\boxed{5\\text{ or more}}", "5", 0),
+    ("\\boxed{12\\text{ students and 3 teachers}}", "12", 0),
+    ("\\boxed{3\\text{ if } x > 0}", "3", 0),
+    ("\\boxed{7\\mbox{ at least}}", "7", 0),
+    ("\\boxed{\\text{\\textbf{5} or more}}", "5", 0),
+    ("\\boxed{5\\text{ cm}}", "5", 1),
+    ("\\boxed{15\\mbox{ cm}^2}", "15", 1),
+    ("\\boxed{\\text{\\textbf{Monday}}}", "Monday", 1),
+    ("\\boxed{\\mathrm{\\text{42}}}", "42", 1),
+    ("\\boxed{5\\text{ \\mathrm{cm}}}", "5", 1),
+    ("\\boxed{\\textbf{\\text{(C)}}}", "(C)", 1),
+    ("\\boxed{\\text{\\textit{\\mbox{x}}} + 1}", "x+1", 1),
+]
+# Matrices (a row break \\ is not the space command '\ ') and comma lists (a comma separates
+# thousands only between a 1-3 digit group and exact 3-digit groups, and only if no other comma
+# makes the answer a list).
+MATRIX_AND_LIST_CASES = [
+    ("\\boxed{\\begin{pmatrix}6\\\\3\\\\0\\end{pmatrix}}", "\\begin{pmatrix} 6 \\\\ 3 \\\\ 0 \\end{pmatrix}", 1),
+    ("\\boxed{\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", 1),
+    ("\\boxed{\\begin{pmatrix}6\\\\3\\\\1\\end{pmatrix}}", "\\begin{pmatrix} 6 \\\\ 3 \\\\ 0 \\end{pmatrix}", 0),
+    ("\\boxed{\\begin{pmatrix}63\\\\0\\end{pmatrix}}", "\\begin{pmatrix} 6 \\\\ 3 \\\\ 0 \\end{pmatrix}", 0),
+    ("\\boxed{45^\\circ,135^\\circ}", "45^\\circ, 135^\\circ", 1),
+    ("\\boxed{45^\\circ,135^\\circ}", "45135", 0),
+    ("\\boxed{1,500,2}", "15002", 0),
+    ("\\boxed{1,000,2}", "1000,2", 0),
+    ("\\boxed{0,125}", "125", 0),
+    ("\\boxed{12,345.5}", "12345.5", 1),
+    ("\\boxed{45,135}", "45135", 1),
+    ("\\boxed{1,234,567}", "1234567", 1),
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected", GSM8K_CASES + MATH_CASES + TEXT_WRAPPER_CASES + MATRIX_AND_LIST_CASES)
 def test_verify(completion, gold, expected):
     assert egpo.verify(completion, gold) == expected
 
@@ -454,6 +488,8 @@ def adversarial_inputs():
         "\\boxed{" * (n // 7), "\\boxed{" + "{" * (n // 2), "\\boxed{" + "}" * n, "{" * n, "}" * n,
         "\\" * n, "####" * (n // 4), "\\boxed{" + "{" * 4995 + "5" + "}" * 4996, "{" * 5000 + "}" * 5000,
         "\\boxed{" + "\\text{" * (n // 7), "\\boxed{" + "\\text{ m}" * (n // 9) + "}", "\\boxed " * (n // 7),
+        "\\boxed{" + "\\text{" * (n // 7) + "}" * (n // 7) + "}", "\\boxed{" + "\\\\ " * (n // 3) + "}",
+        "#### " + "1,000," * (n // 6), "#### " + "1,0001" * (n // 6) + ",",
         "\\boxed{5" + "\\," * (n // 2) + "}", "\\boxed{\\frac{" + "1" * n + "}{3}}", "\\frac" * (n // 5),
         "\\boxed{" + "\\sqrt" * (n // 5) + "}", "\\boxed{(" + "(" * n + ")}", "\\boxed{" + "^{\\circ}" * (n // 9) + "}",
         "#### " + "x = " * (n // 4), "#### " + "5\\text{ m}" * (n // 10), "#### " + "m\u00b2" * (n // 2),
@@ -1017,7 +1053,7 @@ def test_a_local_copy_in_the_wrong_schema_is_a_clear_error(tmp_path, capsys):
 
 def test_multiple_choice_is_verified_by_its_letter():
     for completion in ["\\boxed{B}", "so \\boxed{(B)}", "\\boxed{B) 4}", "\\boxed{\\text{(B)}}", "\\boxed{\\textbf{(B)}}",
-                       "\\boxed{\\mathrm{B}}", "\\boxed{B.}", "I think...\nANSWER: B", "ANSWER: (B) 4"]:
+                       "\\boxed{\\mathrm{B}}", "\\boxed{\\textbf{\\text{(B)}}}", "\\boxed{B.}", "I think...\nANSWER: B", "ANSWER: (B) 4"]:
         assert egpo.verify(completion, "B") == 1.0, completion
     for completion in ["\\boxed{A}", "\\boxed{Because}", "\\boxed{4}", "ANSWER: C", "B", None, "\\boxed{A, B}",
                        "\\boxed{A and B}", "\\boxed{(B) and (C)}", "\\boxed{b}", "\\boxed{B_1}", "\\boxed{B^2}"]:
