@@ -22,6 +22,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -72,7 +73,8 @@ class Config:
     renorm: str = flag("none", "Eq. 9, w / mean(w) over the group: none | after-clamp (C5) | before-clamp (C6); "
                                "egpo only", ["none", "after-clamp", "before-clamp"])
     entropy_span: str = flag("response", "tokens of the entropy proxy (Eq. 5): response | answer (after the "
-                                         "last </think>, else the whole response; paper RQ4)",
+                                         "last </think>, else the whole response; paper RQ4); under another "
+                                         "--algo: only the logged entropies",
                              ["response", "answer"])
     max_resample: int = flag(10, "dapo: at most this many sampling rounds per step to fill the batch with "
                                  "mixed groups (verl: max_num_gen_batches)")
@@ -94,7 +96,7 @@ class Config:
     loss_agg: str = flag("token-mean", "token-mean (TRL dapo/bnpo) | seq-mean-token-mean (TRL grpo)",
                          ["token-mean", "seq-mean-token-mean"])
     mu: int = flag(1, "optimizer steps on each sampled batch (PPO epochs)")
-    max_grad_norm: float = flag(1.0, "gradient-norm clipping")
+    max_grad_norm: float = flag(1.0, "gradient-norm clipping (0 = none)")
     micro_batch_size: int = flag(None, "responses per forward/backward; gradients accumulate "
                                        "[auto: see --micro-batch-tokens]")
     micro_batch_tokens: int = flag(None, "unless --micro-batch-size is given: as many responses per forward/backward "
@@ -104,7 +106,7 @@ class Config:
     fsdp: bool = flag(False, "under torchrun, shard parameters, gradients and optimizer state over the "
                              "processes (FSDP2) instead of a full copy each (DDP)")
     bf16: bool = flag(None, "on CUDA, bf16 autocast over fp32 weights (TRL: bf16=True); --no-bf16 = fp32 "
-                            "[auto: on for real models, off for tiny]")
+                            "[auto: on for real models on CUDA, else off]")
     # --- tiny model and toy task
     sft_steps: int = flag(None, "supervised warm-up steps on worked solutions, at most (see --sft-target) "
                                 "[auto: 500 x --toy-digits for tiny+toy, else 0]")
@@ -135,7 +137,7 @@ class Config:
 # Values of the "auto" (None) defaults: (tiny offline demo, real models).
 AUTO = {
     "steps": (100, 200), "max_new_tokens": (40, 512), "lr": (1e-4, 1e-6), "micro_batch_tokens": (None, 8192),
-    "eval_every": (0, 50), "save_every": (0, 50), "bf16": (False, True), "eval_samples": (1, 8),
+    "eval_every": (0, 50), "save_every": (0, 50), "eval_samples": (1, 8),
 }
 ALIASES = {name: "Qwen/" + name for name in [
     "Qwen2.5-0.5B", "Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B", "Qwen2.5-1.5B-Instruct", "Qwen2.5-3B",
@@ -148,9 +150,25 @@ class UserError(Exception):
     """Bad input: main() prints it as one line and exits with code 2."""
 
 
+def is_tiny(model: str) -> bool:
+    """'tiny', or a checkpoint of it: a local directory whose config and character tokenizer are
+    those build_tiny_model makes (read as JSON; nothing is loaded)."""
+    if model == "tiny":
+        return True
+    try:
+        with open(os.path.join(model, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(model, "tokenizer.json")) as f:
+            vocab = json.load(f)["model"].get("vocab")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return vocab == {token: i for i, token in enumerate(TINY_VOCAB)} and config.get("model_type") == "qwen2" and \
+        all(config.get(k) == v for k, v in TINY_CONFIG.items())
+
+
 def resolve(cfg: Config) -> Config:
-    """Fill the auto defaults and check every value a user can get wrong."""
-    tiny = cfg.model == "tiny"
+    """Fill the auto defaults and check every value a user can get wrong (before any model loads)."""
+    tiny = is_tiny(cfg.model)
     for name, (tiny_value, real_value) in AUTO.items():
         if getattr(cfg, name) is None:
             setattr(cfg, name, tiny_value if tiny else real_value)
@@ -158,8 +176,12 @@ def resolve(cfg: Config) -> Config:
         cfg.dataset = "toy" if tiny else "gsm8k"
     if cfg.device == "auto":  # the tiny demo is as fast on a CPU, and its numbers in the README are CPU numbers
         cfg.device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
-    if cfg.sft_steps is None:
-        cfg.sft_steps = 500 * cfg.toy_digits if tiny and cfg.dataset == "toy" else 0
+    if cfg.bf16 and cfg.device != "cuda":
+        raise UserError(f"--bf16 autocasts on CUDA only, and this run is on --device {cfg.device}: drop --bf16")
+    if cfg.bf16 is None:  # config.json records what is in effect
+        cfg.bf16 = cfg.device == "cuda" and not tiny
+    if cfg.sft_steps is None:  # a checkpoint of the tiny model is warmed up already
+        cfg.sft_steps = 500 * cfg.toy_digits if cfg.model == "tiny" and cfg.dataset == "toy" else 0
     paper = {"eval_temperature": ("temperature", 0.6), "eval_top_p": ("top_p", 0.95), "eval_top_k": ("top_k", 20),
              "eval_max_new_tokens": ("max_new_tokens", None)}  # the paper's evaluation protocol (Section 4.1)
     for name, (training, value) in paper.items():
@@ -173,6 +195,9 @@ def resolve(cfg: Config) -> Config:
     if cfg.algo != "egpo" and egpo_only:
         raise UserError(f"{', '.join(egpo_only)}: EGPO's calibration, which does nothing under --algo {cfg.algo}; "
                         "drop it or use --algo egpo")
+    if cfg.algo != "dapo" and cfg.max_resample != defaults["max_resample"]:
+        raise UserError(f"--max-resample: DAPO's dynamic sampling, which does nothing under --algo {cfg.algo}; "
+                        "drop it or use --algo dapo")
     checks = [
         (cfg.group_size >= 2, f"--group-size must be >= 2 (got {cfg.group_size}): a group of one has no "
                               "baseline to compare against"),
@@ -191,10 +216,17 @@ def resolve(cfg: Config) -> Config:
         (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})"),
         (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
         (cfg.beta >= 0, f"--beta must be >= 0 (got {cfg.beta}): it weighs a KL penalty"),
+        (0 <= cfg.clip_eps_low < 1, f"--clip-eps-low must be in [0, 1) (got {cfg.clip_eps_low}): the ratio's "
+                                    "lower clip is 1 - clip_eps_low > 0"),
+        (cfg.clip_eps_high >= 0, f"--clip-eps-high must be >= 0 (got {cfg.clip_eps_high}): the ratio's upper "
+                                 "clip is 1 + clip_eps_high >= 1"),
+        (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping; got {cfg.max_grad_norm})"),
         (cfg.mu >= 1, f"--mu must be >= 1 (got {cfg.mu})"),
         (cfg.max_resample >= 1, f"--max-resample must be >= 1 (got {cfg.max_resample})"),
-        ((cfg.micro_batch_size or 1) >= 1 and (cfg.micro_batch_tokens or 1) >= 1,
-         "--micro-batch-size and --micro-batch-tokens must be >= 1"),
+        (cfg.micro_batch_size is None or cfg.micro_batch_size >= 1,
+         f"--micro-batch-size must be >= 1 (got {cfg.micro_batch_size}); leave it out to size by tokens"),
+        (cfg.micro_batch_tokens is None or cfg.micro_batch_tokens >= 1,
+         f"--micro-batch-tokens must be >= 1 (got {cfg.micro_batch_tokens})"),
         (cfg.eval_size >= 0 and cfg.eval_every >= 0, "--eval-size and --eval-every must be >= 0"),
         (cfg.sft_steps >= 0 and cfg.save_every >= 0, "--sft-steps and --save-every must be >= 0"),
         (cfg.toy_digits >= 1, "--toy-digits must be >= 1"),
@@ -388,16 +420,22 @@ def make_toy_task(digits: int, n_test: int, seed: int, n_max: int = 20_000) -> t
     return rows[n_test:], rows[:n_test]
 
 
-def _gsm8k_row(r: dict) -> dict:
-    """GSM8K answers are a worked solution ending in '#### 72': keep both parts."""
-    answer = str(r["answer"])
+def _text(x) -> str:
+    """A cell as the text written in it; a missing one (JSON null, an empty cell) as ''."""
+    return "" if x is None else str(x)
+
+
+def _question_answer_row(r: dict) -> dict:
+    """A local file's row, or GSM8K's: an answer that is a worked solution ending in '#### 72'
+    keeps both parts."""
+    question, answer = _text(r["question"]), _text(r["answer"])
     if "####" in answer:
-        return {"question": str(r["question"]), "answer": extract_answer(answer) or "", "solution": answer}
-    return {"question": str(r["question"]), "answer": answer}
+        return {"question": question, "answer": extract_answer(answer) or "", "solution": answer}
+    return {"question": question, "answer": answer}
 
 
 def _problem_row(r: dict) -> dict:
-    return {"question": str(r["problem"]), "answer": str(r["answer"])}
+    return {"question": _text(r["problem"]), "answer": _text(r["answer"])}
 
 
 def _mmlu_row(r: dict) -> dict | None:
@@ -412,21 +450,21 @@ def _mmlu_row(r: dict) -> dict | None:
 def _openr1_row(r: dict) -> dict | None:
     """OpenR1-Math-220k keeps NuminaMath-1.5's placeholders for problems without a checkable final
     answer ('proof', 'notfound'); those, and answers the verifier cannot match with themselves, go."""
-    answer = str(r["answer"] or "").strip()
+    answer = _text(r["answer"]).strip()
     if r.get("question_type") == "proof" or answer.lower() in ("", "proof", "notfound") or \
             verify(f"\\boxed{{{answer}}}", answer) < 1:
         return None
-    return {"question": str(r["problem"]), "answer": answer}
+    return {"question": _text(r["problem"]), "answer": answer}
 
 
 # The hub datasets: id, config, split, the columns used, and how a row becomes {question, answer[,
 # solution]} (None: left out). Ids, splits and columns are those of the dataset cards in the README.
 DATASETS = {
-    "gsm8k": ("openai/gsm8k", "main", "test", "question answer", _gsm8k_row),
+    "gsm8k": ("openai/gsm8k", "main", "test", "question answer", _question_answer_row),
     "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem answer", _problem_row),
     "aime24": ("HuggingFaceH4/aime_2024", None, "train", "problem answer", _problem_row),  # 30, its only split
     "minerva": ("knoveleng/Minerva-Math", None, "train", "problem solution",  # the solution's last \boxed{}
-                lambda r: {"question": str(r["problem"]), "answer": extract_answer(str(r["solution"])) or ""}),
+                lambda r: {"question": _text(r["problem"]), "answer": extract_answer(_text(r["solution"])) or ""}),
     "mmlu-stem": ("TIGER-Lab/MMLU-STEM", None, "test", "question choices answer", _mmlu_row),
     "openr1": ("open-r1/OpenR1-Math-220k", "default", "train", "problem answer", _openr1_row),
 }
@@ -448,7 +486,7 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
     elif path:
         raise UserError(f"{spec}: unknown dataset {name!r}; NAME=PATH takes one of {', '.join(DATASETS)}")
     else:
-        hub_id, config, hub_split, columns, to_row, path = None, None, None, "question answer", _gsm8k_row, name
+        hub_id, config, hub_split, columns, to_row, path = None, None, None, "question answer", _question_answer_row, name
     if path:
         builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
         ext = os.path.splitext(path)[1].lower()
@@ -457,8 +495,9 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
                             ".jsonl/.json/.parquet/.csv file")
         if not os.path.isfile(path):
             raise UserError(f"dataset file {path} does not exist")
-        try:
-            table = datasets.load_dataset(builders[ext], data_files=path, split="train")
+        text = {"converters": {c: str for c in columns.split()}, "keep_default_na": False} if ext == ".csv" else {}
+        try:  # a CSV's cells are read as the text written in them: '4' stays '4', an empty cell is ''
+            table = datasets.load_dataset(builders[ext], data_files=path, split="train", **text)
         except Exception as e:
             reason = str(e.__cause__ or e).strip().splitlines()[0][:200]
             raise UserError(f"could not read {path} as {ext[1:]}: {reason}") from None
@@ -476,7 +515,7 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
                         f"needs {' and '.join(repr(c) for c in columns.split())} (missing: {', '.join(missing)})")
     rows = {}
     for row in map(to_row, table):
-        if row and row["answer"]:
+        if row and row["question"] and row["answer"]:
             rows.setdefault(row["question"], row)  # the first of duplicate questions
     return list(rows.values())
 
@@ -530,24 +569,26 @@ def end_of_turn_id(tokenizer) -> int | None:
 # ====================================================================================
 # 3. Model: the tiny offline one (built here, random init), or any causal LM.
 # ====================================================================================
+TINY_VOCAB = ["<pad>", "<eos>", "<unk>"] + [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+TINY_CONFIG = dict(vocab_size=len(TINY_VOCAB), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                   tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
+
+
 def build_tiny_model(seed: int):
     """A 0.14M-parameter Qwen2ForCausalLM (random init) and a character-level tokenizer, built
     locally: hidden 64, intermediate 256, 2 layers, 4 heads, tied embeddings, context 256."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>"] + chars)}
+    vocab = {tok: i for i, tok in enumerate(TINY_VOCAB)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
                                         unk_token="<unk>", model_max_length=256)
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(vocab), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    return Qwen2ForCausalLM(config), tokenizer
+    return Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG, bos_token_id=None)), tokenizer
 
 
 def load_policy(cfg: Config, device: torch.device):
@@ -608,7 +649,7 @@ class Policy(torch.nn.Module):
     module's forward). It runs the LM's body, then its output layer in fp32 (also under bf16
     autocast: bf16 logits put up to 0.06 nats of error into each log-prob) on the positions
     that are needed only, never on the whole (N, L, vocab):
-    - targets (N, T) given: log pi(target) at the last T positions, from logits / T computed
+    - targets (N, T) given: log pi(target) at the last T positions (flat), from logits / T computed
       LOGIT_CHUNK positions at a time; under autograd each chunk's logits are recomputed in
       the backward pass instead of kept (token_logprobs, the update);
     - else: the last position's logits / T and the KV cache to continue from (the sampler).
@@ -619,6 +660,8 @@ class Policy(torch.nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, position_ids, temperature: float, targets=None, cache=None):
+        if targets is None and cache is None:
+            cache = kv_cache(self.lm.config)
         out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  cache=cache, use_cache=targets is None)
         hidden, head = out.last_hidden_state, self.lm.get_output_embeddings().weight     # (N, L, d), (V, d)
@@ -631,7 +674,19 @@ class Policy(torch.nn.Module):
             recompute = torch.is_grad_enabled() and len(flat) > LOGIT_CHUNK  # one chunk: nothing to save
             parts.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, *chunk, use_reentrant=False)
                          if recompute else chunk_logprobs(*chunk))
-        return torch.cat(parts).view(targets.shape)                                      # (N, T)
+        return torch.cat(parts)  # (N*T,), flat: a view as the output would trip FSDP's backward hook
+
+
+def kv_cache(config):
+    """transformers' DynamicCache, but the keys are stored in the values' dtype: under bf16 autocast
+    the rotary embedding makes the keys fp32 (the values stay bf16), a cache 1.5x as large.
+    Attention casts them to bf16 all the same, so no number changes."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    update = cache.update
+    cache.update = lambda keys, values, *args, **kwargs: update(keys.to(values.dtype), values, *args, **kwargs)
+    return cache
 
 
 def fp32_logits(hidden, head, temperature: float):
@@ -649,7 +704,8 @@ def token_logprobs(policy, input_ids, attention_mask, n_response: int, temperatu
     top-p-filtered ones): the update's forward, and the sampler's numbers recomputed."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() does for left padding
     with autocast(input_ids.device, bf16):
-        return policy(input_ids, attention_mask, position_ids, temperature, targets=input_ids[:, -n_response:])
+        targets = input_ids[:, -n_response:]
+        return policy(input_ids, attention_mask, position_ids, temperature, targets=targets).view(targets.shape)
 
 
 def pick(probs: torch.Tensor, u: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
@@ -1033,6 +1089,20 @@ def parallelize(policy: Policy, cfg: Config):
     return fully_shard(policy)
 
 
+@contextlib.contextmanager
+def gradient_sync(policy, sync: bool):
+    """Gradient accumulation without communication: under DDP (no_sync around the forward and the
+    backward, or the reducer is armed already) and FSDP (no reduce-scatter), only a micro-batch
+    with sync=True reduces the gradients across the processes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(policy, FSDPModule):
+        policy.set_requires_gradient_sync(sync)
+    with policy.no_sync() if isinstance(policy, torch.nn.parallel.DistributedDataParallel) and not sync else \
+            contextlib.nullcontext():
+        yield
+
+
 def unwrap(policy) -> Policy:
     return policy.module if isinstance(policy, torch.nn.parallel.DistributedDataParallel) else policy
 
@@ -1097,7 +1167,7 @@ def sft_warmup(policy: Policy, tokenizer, rows: list, prompts: list, cfg: Config
         picks = rng.sample(range(len(rows)), min(cfg.sft_batch_size, len(rows)))
         seqs, labels = [], []
         for i in picks:
-            target = tokenizer(rows[i]["solution"])["input_ids"] + [tokenizer.eos_token_id]
+            target = tokenizer(rows[i]["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             seqs.append(prompts[i] + target)
             labels.append([-100] * len(prompts[i]) + target)
         with autocast(device, cfg.bf16):
@@ -1106,7 +1176,7 @@ def sft_warmup(policy: Policy, tokenizer, rows: list, prompts: list, cfg: Config
                              labels=pad_right(labels, -100, device), use_cache=False).loss
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
         optimizer.step()
         if cfg.sft_target and step % 10 == 0:
             batch = rollout(policy, tokenizer, [prompts[i] for i in check], [rows[i]["answer"] for i in check], 1,
@@ -1204,19 +1274,19 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
     for _ in range(cfg.mu):
         optimizer.zero_grad()
         for s in chunks:
-            logprobs = token_logprobs(policy, ids[s], attn[s], n_response, cfg.temperature, cfg.bf16)
-            loss, stats = policy_loss(logprobs, logprobs.detach() if old is None else old[s], adv_hat[s], mask[s],
-                                      clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,  # Eq. 12
-                                      ref_logprobs=None if ref is None else ref[s], beta=cfg.beta,
-                                      loss_agg=cfg.loss_agg)
-            share = (mask[s].sum() if cfg.loss_agg == "token-mean" else s.stop - s.start) / total
-            last = s is chunks[-1]  # DDP all-reduces the gradients once, after the last micro-batch
-            with contextlib.nullcontext() if last or world_size == 1 or cfg.fsdp else policy.no_sync():
+            with gradient_sync(policy, s is chunks[-1]):  # reduced across processes after the last one only
+                logprobs = token_logprobs(policy, ids[s], attn[s], n_response, cfg.temperature, cfg.bf16)
+                loss, stats = policy_loss(logprobs, logprobs.detach() if old is None else old[s], adv_hat[s],
+                                          mask[s], clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+                                          ref_logprobs=None if ref is None else ref[s], beta=cfg.beta,
+                                          loss_agg=cfg.loss_agg)                                  # Eq. 12
+                share = (mask[s].sum() if cfg.loss_agg == "token-mean" else s.stop - s.start) / total
                 (loss * share * world_size).backward()
             logs["loss"] += loss.item() * float(share) / cfg.mu
             for k in ("kl", "clip_frac"):
                 logs[k] += stats[k] * float(mask[s].sum() / n_tokens) / cfg.mu
-        logs["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)) / cfg.mu
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))  # 0: none
+        logs["grad_norm"] += float(norm) / cfg.mu
         optimizer.step()
     time_update = time.perf_counter() - t0
 
@@ -1277,14 +1347,28 @@ def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config, prefix:
 
 
 def eval_sets(cfg: Config, tokenizer, held_out: list) -> dict:
-    """{key prefix: (prompts, golds)}: the held-out split (prefix ''), or each of --eval-datasets
-    (prefix 'NAME/'), whole."""
-    if not cfg.eval_datasets:
-        rows = {"": held_out} if held_out else {}
-    else:
-        rows = {spec.strip().partition("=")[0] + "/": read_dataset(spec) for spec in cfg.eval_datasets.split(",")}
-    return {prefix: ([build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking) for r in rs],
-                     [r["answer"] for r in rs]) for prefix, rs in rows.items()}
+    """{key prefix: (prompts, golds)}: the held-out split (prefix '', in the training set's format),
+    or each of --eval-datasets, whole, in its own format (prefix 'NAME/': a hub dataset's name, the
+    NAME of NAME=PATH, or a local file's stem)."""
+    sets = {"": (cfg.dataset, held_out)} if held_out and not cfg.eval_datasets else {}
+    for spec in filter(None, (cfg.eval_datasets or "").split(",")):
+        name, _, path = spec.strip().partition("=")
+        name = name if path or name in DATASETS else os.path.splitext(os.path.basename(name))[0]
+        if name + "/" in sets:
+            raise UserError(f"--eval-datasets names {name} twice: rename a file, or give it as NAME=PATH")
+        sets[name + "/"] = (spec, read_dataset(spec))
+    return {prefix: ([build_prompt(tokenizer, r["question"], dataset, cfg.thinking) for r in rows],
+                     [r["answer"] for r in rows]) for prefix, (dataset, rows) in sets.items()}
+
+
+def to_json(x, **kwargs) -> str:
+    """json.dumps with every NaN or infinity written as null: NaN is not JSON (jq, JavaScript)."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        return {k: finite(v) for k, v in x.items()} if isinstance(x, dict) else \
+            [finite(v) for v in x] if isinstance(x, list) else x
+    return json.dumps(finite(x), allow_nan=False, **kwargs)
 
 
 def train(cfg: Config) -> dict:
@@ -1292,7 +1376,7 @@ def train(cfg: Config) -> dict:
     torchrun every process runs this; rank 0 alone prints and writes files."""
     device = init_distributed(cfg)
     rank, world_size = world()
-    if cfg.model == "tiny" and device.type == "cpu":
+    if is_tiny(cfg.model) and device.type == "cpu":
         # One thread: the 0.14M-parameter model gains little from more, and the sum order of a
         # reduction depends on the thread count. The tiny demo thus prints the same numbers
         # whatever the number of cores.
@@ -1326,8 +1410,8 @@ def train(cfg: Config) -> dict:
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "world_size": world_size, "torch": torch.__version__,
-                       "command": " ".join(sys.argv)}, f, indent=2)
+            f.write(to_json({**dataclasses.asdict(cfg), "world_size": world_size, "torch": torch.__version__,
+                             "command": " ".join(sys.argv)}, indent=2))
         method = f"egpo (calibration {cfg.calibration}, nsr {cfg.nsr}, renorm {cfg.renorm})" \
             if cfg.algo == "egpo" else cfg.algo
         print(f"egpo: {method} on {cfg.model} / {cfg.dataset}, {device}"
@@ -1369,11 +1453,11 @@ def train(cfg: Config) -> dict:
             for step in bar:
                 batch = sample_batch(policy, tokenizer, draw, cfg)
                 metrics = {"step": step, **rl_step(policy, ref_model, optimizer, batch, cfg)}
-                log_c.writelines(json.dumps({"step": step, **c}) + "\n" for c in metrics.pop("completions", []))
+                log_c.writelines(to_json({"step": step, **c}) + "\n" for c in metrics.pop("completions", []))
                 if evals and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                     metrics.update(evaluate_all())
                     summary["after"] = {k: metrics[k] for k in summary["before"]}
-                log.write(json.dumps(metrics) + "\n")
+                log.write(to_json(metrics) + "\n")
                 log.flush()
                 log_c.flush()
                 summary["steps_done"] = step
@@ -1392,7 +1476,7 @@ def train(cfg: Config) -> dict:
             save_checkpoint(policy, tokenizer, cfg.out)
         if rank == 0:
             with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+                f.write(to_json(summary, indent=2))
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return summary
