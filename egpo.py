@@ -338,7 +338,7 @@ def _normalize(s: str) -> str:
     """Strip what does not change a final answer's value: outer braces, $, LaTeX spacing and
     text wrappers, \\left/\\right, degrees, percent, thousands separators, a trailing unit."""
     s = _strip_outer_braces(s.strip().replace("\u2212", "-"))  # Unicode minus
-    s = re.sub(r",\\!\s*", ",", s).replace("{,}", ",").replace("\\!", "").replace("\\$", "").replace("$", "")
+    s = re.sub(r",\s*\\!\s*", ",", s).replace("{,}", ",").replace("\\!", "").replace("\\$", "").replace("$", "")
     s = _SPACING.sub(lambda m: m.group() if m.group() == "\\\\" else " ", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     s = _unwrap(_strip_thousands(s))  # '2, 500' stays a list; 5\text{ cm} -> '5 cm', whose unit goes below
