@@ -132,6 +132,8 @@ class Config:
                                  "[auto: 0 for tiny, 50 for real models]")
     log_completions: bool = flag(False, "also write completions.jsonl: every sampled response with its "
                                         "reward, entropy proxy, GRPO and EGPO advantage (TRL: log_completions)")
+    resume: str = flag(None, "continue the run in this folder from its last checkpoint, with its config "
+                             "(only --steps and --save-every may be given again)")
 
 
 # Values of the "auto" (None) defaults: (tiny offline demo, real models).
@@ -144,6 +146,7 @@ ALIASES = {name: "Qwen/" + name for name in [
     "Qwen2.5-3B-Instruct", "Qwen2.5-7B", "Qwen2.5-7B-Instruct", "Qwen2.5-Math-1.5B", "Qwen2.5-Math-7B",
     "Qwen2.5-Math-1.5B-Instruct", "Qwen2.5-Math-7B-Instruct", "Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B"]}
 TIME_KEYS = ("time_sample", "time_update", "tokens_per_s")  # the only metrics that vary between identical runs
+RESUMABLE = ("steps", "save_every")  # the flags a resumed run may change: they change none of its numbers
 
 
 class UserError(Exception):
@@ -591,16 +594,17 @@ def build_tiny_model(seed: int):
     return Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG, bos_token_id=None)), tokenizer
 
 
-def load_policy(cfg: Config, device: torch.device):
-    """(Policy(model), tokenizer) on `device`, weights in fp32, left padding, and a generation config
-    that holds only token ids (eos, and the chat template's end of turn), so sampling is exactly
-    temperature + top-p and stops where the model's answer ends."""
+def load_policy(cfg: Config, device: torch.device, path: str | None = None):
+    """(Policy(model), tokenizer) of --model (or of the directory `path`) on `device`, weights in
+    fp32, left padding, and a generation config that holds only token ids (eos, and the chat
+    template's end of turn), so sampling is exactly temperature + top-p and stops where the
+    model's answer ends."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    if cfg.model == "tiny":
+    if cfg.model == "tiny" and path is None:
         model, tokenizer = build_tiny_model(cfg.seed)
     else:
-        name = ALIASES.get(cfg.model, cfg.model)
+        name = path or ALIASES.get(cfg.model, cfg.model)
         if not os.path.isdir(name):
             print(f"loading {name} from the hub or its local cache ...")
         try:
@@ -1130,24 +1134,124 @@ def full_weights(policy):
         policy.set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root
 
 
-def save_checkpoint(policy, tokenizer, out: str):
-    """checkpoint/ with save_pretrained, written by rank 0; under FSDP every process first sends
-    its shards (a collective: all processes call this)."""
+def barrier():
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def generator_states(rng: random.Random, noise_rng: torch.Generator, device) -> dict:
+    """Every random generator a run draws from: the prompts (Python's), the sampling noise and torch's."""
+    return {"python": rng.getstate(), "noise": noise_rng.get_state(), "torch": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+
+
+def save_checkpoint(policy, tokenizer, optimizer, generators: dict, summary: dict, cfg: Config):
+    """checkpoint/: the model and tokenizer (save_pretrained), the AdamW state (optimizer.pt; under
+    FSDP each process's shard, optimizer-rank<r>.pt), each process's random generators (rng.pt),
+    and trainer_state.json (the step and the summary so far), written last: a checkpoint is
+    complete when it holds that file. All goes to checkpoint.new/, which then replaces
+    checkpoint/, so a kill at any moment leaves the previous checkpoint whole. Rank 0 writes the
+    shared files; all processes call this (FSDP gathers the weights to rank 0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
-    state = None
+    rank, world_size = world()
+    final, new, old = (os.path.join(cfg.out, name) for name in ("checkpoint", "checkpoint.new", "checkpoint.old"))
+    weights = None
     if isinstance(policy, FSDPModule):
-        state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        state = {k.removeprefix("lm."): v for k, v in state.items()}
-    if world()[0] == 0:  # written next to the last one, then swapped in: a kill while writing loses nothing
-        final, new, old = (os.path.join(out, name) for name in ("checkpoint", "checkpoint.new", "checkpoint.old"))
-        unwrap(policy).lm.save_pretrained(new, state_dict=state)
+        weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        weights = {k.removeprefix("lm."): v for k, v in weights.items()}
+    generators = all_gather_objects([generators])
+    if rank == 0:
+        shutil.rmtree(new, ignore_errors=True)
+        unwrap(policy).lm.save_pretrained(new, state_dict=weights)
         tokenizer.save_pretrained(new)
+    barrier()
+    if cfg.fsdp or rank == 0:  # tensors and plain values only: torch.load(weights_only=True) reads them back
+        state = optimizer.state_dict()
+        state["state"] = {i: {k: v.to_local() if hasattr(v, "to_local") else v for k, v in moments.items()}
+                          for i, moments in state["state"].items()}  # FSDP: this process's shard of each
+        torch.save(state, os.path.join(new, f"optimizer-rank{rank}.pt" if cfg.fsdp else "optimizer.pt"))
+    barrier()
+    if rank == 0:
+        torch.save(generators, os.path.join(new, "rng.pt"))
+        with open(os.path.join(new, "trainer_state.json"), "w") as f:
+            f.write(to_json({"step": summary["steps_done"], "algo": cfg.algo, "model": cfg.model,
+                             "world_size": world_size, "summary": summary}, indent=2))
         if os.path.isdir(final):
             os.replace(final, old)
         os.replace(new, final)
         shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def last_checkpoint(run: str) -> dict:
+    """The trainer_state.json of the checkpoint a run resumes from, with its 'path': checkpoint/, or
+    checkpoint.old/ after a kill between save_checkpoint's two renames (checkpoint.new/ may be
+    half-written and is never read)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(run, name)
+        if os.path.isdir(path):
+            try:  # NaN was written as null
+                with open(os.path.join(path, "trainer_state.json")) as f:
+                    return {**json.load(f, object_hook=lambda d: {k: math.nan if v is None else v
+                                                                  for k, v in d.items()}), "path": path}
+            except (OSError, ValueError):
+                raise UserError(f"{path} has no readable trainer_state.json (a model without its training state, "
+                                f"or a write cut off): nothing to resume; start a new run with --model {path}") from None
+    raise UserError(f"{run} has no checkpoint to resume from: the run stopped before writing one "
+                    "(--save-every N writes one every N steps)")
+
+
+def read_training_state(checkpoint: str, fsdp: bool) -> tuple[dict, dict]:
+    """(the AdamW state, this process's random generators) as save_checkpoint wrote them. Tensors
+    and plain values only (weights_only=True): reading runs no code from the files."""
+    import pickle
+
+    rank, files = world()[0], (f"optimizer-rank{world()[0]}.pt" if fsdp else "optimizer.pt", "rng.pt")
+    try:
+        state, generators = (torch.load(os.path.join(checkpoint, f), map_location="cpu", weights_only=True)
+                             for f in files)
+    except (OSError, pickle.UnpicklingError) as e:
+        raise UserError(f"{checkpoint}: {' or '.join(files)} is missing or holds more than tensors and plain "
+                        f"values ({type(e).__name__}): not loaded") from None
+    return state, generators[rank]
+
+
+def restore_training_state(optimizer, rng, noise_rng, state: dict, generators: dict, device):
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, moments in state["state"].items():  # FSDP: each shard back into its parameter's layout
+        p = params[i]
+        for k, v in moments.items():
+            if isinstance(p, DTensor) and k != "step":
+                moments[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                                stride=p.stride())
+    optimizer.load_state_dict(state)
+    rng.setstate(generators["python"])
+    noise_rng.set_state(generators["noise"])
+    torch.set_rng_state(generators["torch"])
+    if "cuda" in generators:
+        torch.cuda.set_rng_state(generators["cuda"], device)
+
+
+def keep_steps(path: str, last: int):
+    """Drop the lines of a .jsonl log after step `last` (and a line cut off by a kill): a resumed
+    run logs those steps again."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last:
+                    kept.append(line.rstrip("\n") + "\n")
+            except ValueError:
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 # ====================================================================================
@@ -1372,10 +1476,20 @@ def to_json(x, **kwargs) -> str:
 
 
 def train(cfg: Config) -> dict:
-    """The whole run: model, data, warm-up, RL with logging and checkpoints, summary. Under
-    torchrun every process runs this; rank 0 alone prints and writes files."""
+    """The whole run: model, data, warm-up, RL with logging and checkpoints, summary; with --resume,
+    the rest of a run from its last checkpoint. Under torchrun every process runs this; rank 0
+    alone prints and writes files."""
     device = init_distributed(cfg)
     rank, world_size = world()
+    resumed = last_checkpoint(cfg.resume) if cfg.resume else None
+    if resumed and resumed["world_size"] != world_size:
+        raise UserError(f"{cfg.resume} ran on {resumed['world_size']} process(es): resume it on as many "
+                        f"(torchrun --nproc_per_node {resumed['world_size']})")
+    if resumed and cfg.steps <= resumed["step"]:
+        raise UserError(f"{cfg.resume} has done {resumed['step']} steps of its --steps {cfg.steps}: give --steps "
+                        "N with N larger to train on")
+    if resumed:  # read now: a bad file stops the run before anything in the folder changes
+        resumed["optimizer"], resumed["generators"] = read_training_state(resumed["path"], cfg.fsdp)
     if is_tiny(cfg.model) and device.type == "cpu":
         # One thread: the 0.14M-parameter model gains little from more, and the sum order of a
         # reduction depends on the thread count. The tiny demo thus prints the same numbers
@@ -1383,7 +1497,7 @@ def train(cfg: Config) -> dict:
         torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     rng, noise_rng = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
-    policy, tokenizer = load_policy(cfg, device)
+    policy, tokenizer = load_policy(cfg, device, resumed and resumed["path"])
     eval_only = cfg.steps == 0 and not cfg.sft_steps and cfg.eval_datasets  # no training set needed
     train_rows, test_rows = ([], []) if eval_only else load_rows(cfg)
     train_prompts = [build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking) for r in train_rows]
@@ -1407,11 +1521,21 @@ def train(cfg: Config) -> dict:
 
     cfg.out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.algo}-"
                                       + os.path.basename(cfg.model.rstrip("/")))
+    files = [os.path.join(cfg.out, "metrics.jsonl"),
+             os.path.join(cfg.out, "completions.jsonl") if cfg.log_completions else os.devnull]
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
+        config = {**dataclasses.asdict(cfg), "world_size": world_size, "torch": torch.__version__,
+                  "command": " ".join(sys.argv)}
+        if resumed:  # the run's config.json, with the flags that may change, and the command that resumed it
+            with open(os.path.join(cfg.out, "config.json")) as f:
+                saved = json.load(f)
+            config = {**saved, **{k: config[k] for k in RESUMABLE + ("resume",)},
+                      "resumed": saved.get("resumed", []) + [config["command"]]}
+            for path in files[:1 + cfg.log_completions]:
+                keep_steps(path, resumed["step"])
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            f.write(to_json({**dataclasses.asdict(cfg), "world_size": world_size, "torch": torch.__version__,
-                             "command": " ".join(sys.argv)}, indent=2))
+            f.write(to_json(config, indent=2))
         method = f"egpo (calibration {cfg.calibration}, nsr {cfg.nsr}, renorm {cfg.renorm})" \
             if cfg.algo == "egpo" else cfg.algo
         print(f"egpo: {method} on {cfg.model} / {cfg.dataset}, {device}"
@@ -1434,23 +1558,47 @@ def train(cfg: Config) -> dict:
                                                                     (rank + 1) * share * cfg.group_size)
         return [train_prompts[i] for i in picks], [train_rows[i]["answer"] for i in picks], noise[rows]
 
-    summary, stop = {"steps_done": 0}, []
-    if world_size > 1:  # Ctrl-C (SIGINT) on any process: all of them stop after the current step
-        signal.signal(signal.SIGINT, lambda *_: stop.append(True))
-    files = [os.path.join(cfg.out, "metrics.jsonl"),
-             os.path.join(cfg.out, "completions.jsonl") if cfg.log_completions else os.devnull]
+    def write_summary():
+        if rank == 0:
+            with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+                f.write(to_json(summary, indent=2))
+
+    def stop_after_this_step(signum, _):  # Ctrl-C (SIGINT), or SIGTERM from a scheduler or torchrun
+        if signum == signal.SIGINT and signal.SIGINT in stop:  # Ctrl-C twice: at once
+            raise KeyboardInterrupt
+        if not stop:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again: at once, without a "
+                  "checkpoint)", file=sys.stderr)
+        stop.append(signum)
+
+    summary = {k: v for k, v in resumed["summary"].items() if k != "interrupted"} if resumed else {"steps_done": 0}
+    saved, stop, handlers, consistent = summary["steps_done"] if resumed else None, [], {}, False
     try:  # from here on, Ctrl-C (or a crash) still leaves the checkpoint, metrics and summary so far
-        with open(files[0] if rank == 0 else os.devnull, "w") as log, open(files[1] if rank == 0 else os.devnull,
-                                                                          "w") as log_c:
-            if cfg.sft_steps:  # every process warms up the same way; parallelize() then copies rank 0's weights
+        with open(files[0] if rank == 0 else os.devnull, "a" if resumed else "w") as log, \
+                open(files[1] if rank == 0 else os.devnull, "a" if resumed else "w") as log_c:
+            if cfg.sft_steps and not resumed:  # every process warms up alike; parallelize() copies rank 0's weights
                 summary["sft_steps_done"] = sft_warmup(policy, tokenizer, train_rows, train_prompts, cfg, rng)
-            ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
+            ref_model = None
+            if cfg.beta > 0:  # the frozen initial policy, kept in the run folder for a resumed run
+                reference = os.path.join(cfg.out, "reference")
+                ref_model = load_policy(cfg, device, reference)[0] if resumed else copy.deepcopy(policy)
+                if rank == 0 and not resumed:
+                    ref_model.lm.save_pretrained(reference)
+                    tokenizer.save_pretrained(reference)
+                ref_model.eval().requires_grad_(False)
             policy = parallelize(policy, cfg)
-            if evals:
-                summary["before"] = evaluate_all()
             optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-            bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo, disable=rank > 0)
+            if resumed:
+                restore_training_state(optimizer, rng, noise_rng, resumed["optimizer"], resumed["generators"], device)
+            elif evals:
+                summary["before"] = evaluate_all()
+                write_summary()
+            consistent = True  # what a checkpoint would hold is one state of the run (not a step half done)
+            handlers = {sig: signal.signal(sig, stop_after_this_step) for sig in (signal.SIGINT, signal.SIGTERM)}
+            bar = tqdm(range(summary["steps_done"] + 1, cfg.steps + 1), desc=cfg.algo, disable=rank > 0,
+                       initial=summary["steps_done"], total=cfg.steps)
             for step in bar:
+                consistent = False
                 batch = sample_batch(policy, tokenizer, draw, cfg)
                 metrics = {"step": step, **rl_step(policy, ref_model, optimizer, batch, cfg)}
                 log_c.writelines(to_json({"step": step, **c}) + "\n" for c in metrics.pop("completions", []))
@@ -1460,23 +1608,26 @@ def train(cfg: Config) -> dict:
                 log.write(to_json(metrics) + "\n")
                 log.flush()
                 log_c.flush()
-                summary["steps_done"] = step
+                summary["steps_done"], consistent = step, True
                 bar.set_postfix(acc=f"{metrics['acc']:.2f}", H=f"{metrics['entropy_mean']:.2f}",
                                 auroc=f"{metrics['auroc_confidence']:.2f}")
                 if cfg.save_every and step % cfg.save_every == 0:
-                    save_checkpoint(policy, tokenizer, cfg.out)
-                if world_size > 1 and all_sum(len(stop), device) > 0:
+                    save_checkpoint(policy, tokenizer, optimizer, generator_states(rng, noise_rng, device), summary,
+                                    cfg)
+                    saved = step
+                if all_sum(len(stop), device) > 0:  # every process stops after the same step
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         summary["interrupted"] = True
         if rank == 0:
             print(f"\ninterrupted after {summary['steps_done']} RL steps: saving what exists", file=sys.stderr)
     finally:
-        if summary["steps_done"] or cfg.sft_steps:  # an evaluation-only run has no new model to save
-            save_checkpoint(policy, tokenizer, cfg.out)
-        if rank == 0:
-            with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-                f.write(to_json(summary, indent=2))
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        trained = summary["steps_done"] or "sft_steps_done" in summary  # an evaluation-only run has no new model
+        if trained and consistent and saved != summary["steps_done"]:
+            save_checkpoint(policy, tokenizer, optimizer, generator_states(rng, noise_rng, device), summary, cfg)
+        write_summary()
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return summary
@@ -1508,6 +1659,8 @@ def print_summary(summary: dict, cfg: Config):
 # 11. Command line
 # ====================================================================================
 def parse_args(argv=None) -> Config:
+    """The command line as a Config. With --resume RUN: RUN's config.json, in which only the flags of
+    RESUMABLE may be given again with another value."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="egpo.py", description=__doc__.split("\n\n")[0])
@@ -1519,7 +1672,36 @@ def parse_args(argv=None) -> Config:
             continue
         help += "" if f.default is None else f" (default: {f.default})"
         parser.add_argument(name, type=f.type, default=f.default, choices=f.metadata["choices"], help=help)
-    return Config(**vars(parser.parse_args(argv)))
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if not cfg.resume:
+        return cfg
+    missing = object()  # which flags were given: parse again with every default replaced by this
+    parser.set_defaults(**{f.name: missing for f in dataclasses.fields(Config)})
+    given = {k for k, v in vars(parser.parse_args(argv)).items() if v is not missing} - {"resume"}
+    if given & {"model", "out"}:
+        raise UserError(f"--{min(given & {'model', 'out'})}: --resume continues the run's own model in its own "
+                        "folder; drop it")
+    try:
+        with open(os.path.join(cfg.resume, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"--resume {cfg.resume}: not a run folder (no readable config.json); pass the --out "
+                        "folder of a run") from None
+    changed = sorted(k for k in given - set(RESUMABLE) if getattr(cfg, k) != saved.get(k))
+    if changed:
+        flag, k = "--" + changed[0].replace("_", "-"), changed[0]
+        raise UserError(f"{flag} {getattr(cfg, k)} differs from the run's {flag} {saved.get(k)}: a resumed run "
+                        "keeps its config; only --steps and --save-every may change")
+    checkpoint = last_checkpoint(cfg.resume)  # nothing to resume from: say so now
+    if (checkpoint["algo"], checkpoint["model"]) != (saved["algo"], saved["model"]):
+        raise UserError(f"{checkpoint['path']} was written by --algo {checkpoint['algo']} --model "
+                        f"{checkpoint['model']}, but the run's config.json says --algo {saved['algo']} --model "
+                        f"{saved['model']}: they are not one run")
+    resumed = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
+    resumed.resume = resumed.out = cfg.resume
+    for k in given & set(RESUMABLE):
+        setattr(resumed, k, getattr(cfg, k))
+    return resumed
 
 
 def main(argv=None):

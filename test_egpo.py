@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1286,6 +1287,129 @@ def test_ctrl_c_saves_the_checkpoint_and_the_metrics_so_far(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").config.model_type == "qwen2"
 
 
+# ---------------------------------------------------------------- long runs: --resume
+LONG = QUICK + ["--steps", "3", "--log-completions"]  # the run the tests below stop and resume
+
+
+@pytest.fixture(scope="module")
+def in_one_go(tmp_path_factory):
+    """LONG (with these extra flags) run in one go, once per module: what a resumed run must equal."""
+    runs = {}
+
+    def run(*flags):
+        if flags not in runs:
+            runs[flags] = tmp_path_factory.mktemp("one-go")
+            egpo.main(LONG + list(flags) + ["--out", str(runs[flags])])
+        return runs[flags]
+    return run
+
+
+def assert_same_run(a, b):
+    """The same final weights bit for bit, the same metrics.jsonl and completions.jsonl (the
+    timings aside) and the same summary.json, its "before" the evaluation of the original start."""
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(d / "checkpoint" / "model.safetensors") for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.dumps(without(read_metrics(a), egpo.TIME_KEYS)) == json.dumps(without(read_metrics(b), egpo.TIME_KEYS))
+    assert (a / "completions.jsonl").read_text() == (b / "completions.jsonl").read_text()
+    assert read_json(a / "summary.json") == read_json(b / "summary.json")
+
+
+@pytest.mark.parametrize("flags", [(), ("--algo", "dapo", "--beta", "0.1", "--mu", "2")], ids=["egpo", "dapo-kl-mu2"])
+def test_a_run_stopped_and_resumed_ends_as_the_run_in_one_go(in_one_go, flags, tmp_path, monkeypatch):
+    """Ctrl-C during step 1 of 3 (the run stops after that step and saves), then --resume: the
+    optimizer state, the step, the data position, every random generator, DAPO's draws and the
+    frozen reference model all carry over."""
+    real_rl_step, calls = egpo.rl_step, []
+
+    def rl_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_rl_step(*args, **kwargs)
+
+    monkeypatch.setattr(egpo, "rl_step", rl_step)
+    with pytest.raises(SystemExit) as e:
+        egpo.main(LONG + list(flags) + ["--out", str(tmp_path)])
+    assert e.value.code == 130 and [r["step"] for r in read_metrics(tmp_path)] == [1]
+    assert read_json(tmp_path / "checkpoint" / "trainer_state.json")["step"] == 1
+    egpo.main(["--resume", str(tmp_path)])
+    assert len(calls) == 3
+    assert_same_run(in_one_go(*flags), tmp_path)
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(in_one_go, tmp_path):
+    """SIGKILL in the middle of step 2's checkpoint (its model files written, its optimizer state
+    not): checkpoint/ still holds step 1, whole, and --resume from it ends as the run in one go."""
+    die_in_the_third_save = (  # torch.save writes the optimizer state, then the generators: twice per checkpoint
+        "import os, signal, sys, torch, egpo\n"
+        "saves, save = [], torch.save\n"
+        "def save_or_die(*args, **kwargs):\n"
+        "    saves.append(1)\n"
+        "    if len(saves) == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return save(*args, **kwargs)\n"
+        "torch.save = save_or_die\n"
+        "egpo.main(sys.argv[1:])\n")
+    p = subprocess.run([sys.executable, "-c", die_in_the_third_save, *LONG, "--save-every", "1", "--out", str(tmp_path)],
+                       cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert (tmp_path / "checkpoint.new" / "model.safetensors").exists()
+    assert not (tmp_path / "checkpoint.new" / "trainer_state.json").exists()  # half-written, never read
+    assert read_json(tmp_path / "checkpoint" / "trainer_state.json")["step"] == 1
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]  # step 2 was logged: it is done again
+    egpo.main(["--resume", str(tmp_path)])
+    assert_same_run(in_one_go(), tmp_path)
+
+
+def test_resume_refuses_bad_input_with_one_line_and_changes_nothing(in_one_go, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(in_one_go(), run)
+
+    def files():
+        return {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    for argv, words in [(["--model", "tiny"], ["--model", "drop it"]), (["--out", str(tmp_path)], ["--out"]),
+                        (["--algo", "grpo"], ["--algo grpo differs from the run's --algo egpo"]),
+                        (["--lr", "0.1"], ["--lr 0.1 differs from the run's --lr 0.0001"]),
+                        (["--steps", "3"], ["has done 3 steps of its --steps 3"])]:
+        before = files()
+        expect_user_error(["--resume", str(run)] + argv, capsys, *words)
+        assert files() == before
+    expect_user_error(["--resume", str(tmp_path / "nowhere")], capsys, "not a run folder")
+    checkpoint, config = run / "checkpoint", read_json(run / "config.json")
+    (run / "config.json").write_text(json.dumps({**config, "algo": "grpo"}))  # another run's config
+    expect_user_error(["--resume", str(run), "--steps", "4"], capsys, "written by --algo egpo", "not one run")
+    (run / "config.json").write_text(json.dumps(config))
+
+    class RunsCode:  # what a malicious pickle does when it is loaded without weights_only=True
+        def __reduce__(self):
+            return open, (str(tmp_path / "code-ran"), "w")
+
+    optimizer = (checkpoint / "optimizer.pt").read_bytes()
+    torch.save({"state": RunsCode()}, checkpoint / "optimizer.pt")
+    before = files()
+    expect_user_error(["--resume", str(run), "--steps", "4"], capsys, "more than tensors and plain values")
+    assert files() == before and not (tmp_path / "code-ran").exists()
+    (checkpoint / "optimizer.pt").write_bytes(optimizer)
+    (checkpoint / "trainer_state.json").unlink()  # as a write cut off would leave it
+    expect_user_error(["--resume", str(run), "--steps", "4"], capsys, "no readable trainer_state.json")
+    shutil.rmtree(checkpoint)
+    expect_user_error(["--resume", str(run), "--steps", "4"], capsys, "has no checkpoint to resume from")
+
+
+def test_a_checkpoint_is_found_after_a_kill_between_the_two_renames(in_one_go, tmp_path):
+    """save_checkpoint moves checkpoint/ to checkpoint.old/, then checkpoint.new/ to checkpoint/: a
+    kill in between leaves checkpoint.old/, whole, and a complete checkpoint.new/ is not trusted."""
+    run = tmp_path / "run"
+    shutil.copytree(in_one_go(), run)
+    (run / "checkpoint").rename(run / "checkpoint.old")
+    assert egpo.last_checkpoint(str(run))["path"] == str(run / "checkpoint.old")
+    shutil.copytree(run / "checkpoint.old", run / "checkpoint.new")
+    assert egpo.last_checkpoint(str(run))["path"] == str(run / "checkpoint.old")
+
+
 def test_help_documents_every_flag_of_the_spec(capsys):
     with pytest.raises(SystemExit) as e:
         egpo.parse_args(["--help"])
@@ -1333,15 +1457,24 @@ def torchrun(*args, nproc=2, **kwargs):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, **kwargs)
 
 
-@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp-stopped-and-resumed"])
 def test_two_processes_make_the_update_and_the_metrics_of_one(one_process, tmp_path, mode):
     """torchrun with 2 CPU processes: each samples 2 of the 4 groups (the same rows as one process,
     from the same noise) and the token-mean denominator is summed over both, so after 2 steps the
     weights equal one process's to 1e-6 and so does every logged number but the timings. The two
-    processes' responses have different numbers of tokens: a per-process denominator fails here."""
+    processes' responses have different numbers of tokens: a per-process denominator fails here.
+    The FSDP run stops after step 1 and is resumed to step 2, each process reloading its own
+    shard of AdamW's state and its own generators."""
     from safetensors.torch import load_file
 
-    p = torchrun(*DIST, *mode, "--log-completions", "--out", str(tmp_path))
+    if mode:
+        p = torchrun(*DIST, *mode, "--steps", "1", "--log-completions", "--out", str(tmp_path))
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert {f.name for f in (tmp_path / "checkpoint").glob("optimizer*")} == {"optimizer-rank0.pt",
+                                                                                 "optimizer-rank1.pt"}
+        p = torchrun("--resume", str(tmp_path), "--steps", "2")
+    else:
+        p = torchrun(*DIST, "--log-completions", "--out", str(tmp_path))
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("pass@1") == 2  # rank 0's summary only: a table before and one after RL
     assert read_json(tmp_path / "config.json")["world_size"] == 2
@@ -1349,6 +1482,8 @@ def test_two_processes_make_the_update_and_the_metrics_of_one(one_process, tmp_p
     assert set(one) <= set(two) and max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-6
     a, b = (without(read_metrics(d), egpo.TIME_KEYS) + [read_json(d / "summary.json")["after"]]
             for d in (one_process, tmp_path))
+    if mode:  # the stopped run evaluated at its last step, step 1
+        b[0] = {k: v for k, v in b[0].items() if not k.startswith("eval_")}
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert_close(x, y)
