@@ -1604,7 +1604,7 @@ def expect_user_error(argv, capsys, *words):
     (["--lr", "0"], ["--lr must be > 0"]),
     (["--beta", "-0.1"], ["--beta must be >= 0"]),
     (["--algo", "dapo", "--max-resample", "0"], ["--max-resample must be >= 1"]),
-    (["--eval-samples", "0"], ["--eval-samples and --eval-max-new-tokens must be >= 1"]),
+    (["--eval-samples", "0"], ["--eval-samples must be >= 1"]),
     (["--eval-top-p", "1.5"], ["--eval-top-p must be in (0, 1]"]),
     (["--eval-datasets", "nope=x.parquet"], ["unknown dataset 'nope'", "math500"]),
     (["--algo", "grpo", "--calibration", "symmetric"], ["--calibration", "does nothing under --algo grpo"]),
