@@ -36,8 +36,7 @@ from tqdm.auto import tqdm  # tqdm ships with transformers and datasets
 # Part I: the method
 # ==================================================================================================
 def flag(default, help, choices=None, check=None):
-    """A Config field: its default, its one line of --help, and the values it takes: `choices`, or
-    a range `check` such as '>= 1' or '(0, 1]' (resolve() enforces it)."""
+    """A Config field: default, one line of --help, and `choices` or a range `check` ('>= 1', '(0, 1]')."""
     return field(default=default, metadata={"help": help, "choices": choices, "check": check})
 
 
@@ -114,15 +113,13 @@ AUTO = {"steps": (100, 200), "max_new_tokens": (40, 512), "lr": (1e-4, 1e-6), "m
 
 # --- Eq. 5: the entropy proxy ---------------------------------------------------------------------
 def sequence_entropy(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: H_i = -(1/|S_i|) sum_{t in S_i} log pi_old(o_t | q, o_<t), the mean negative
-    log-likelihood of the sampled response: a Monte-Carlo estimate of the policy's entropy along
-    it, free because the sampler computed these log-probs (`sample`). `mask` marks S_i, the
-    response or its answer (answer_mask). Detached; NaN when S_i is empty (then the response
-    takes no part in its group's calibration)."""
+    """Eq. 5: H_i = -(1/|S_i|) sum_{t in S_i} log pi_old(o_t | q, o_<t), the mean NLL of the sampled
+    response, a Monte-Carlo estimate of the policy's entropy along it: free, from the sampler's
+    log-probs. `mask` marks S_i (the response, or its answer: answer_mask). Detached; NaN when
+    S_i is empty (the response then takes no part in its group's calibration)."""
     mask = mask.to(logprobs.dtype)
     n = mask.sum(-1)                                                                     # (N,)
-    h = -(logprobs.detach() * mask).sum(-1) / n.clamp(min=1)
-    return torch.where(n > 0, h, float("nan"))                                           # (N,)
+    return torch.where(n > 0, -(logprobs.detach() * mask).sum(-1) / n.clamp(min=1), float("nan"))
 
 
 def answer_mask(response: torch.Tensor, mask: torch.Tensor, marker: list[int]) -> torch.Tensor:
@@ -232,12 +229,11 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps_low=0.2, c
 
 # --- Algorithm 1: one RL step ---------------------------------------------------------------------
 def sample_batch(policy, tokenizer, draw, cfg: Config) -> dict:
-    """Sample G responses for each prompt draw() returns (with its gold answers and sampling noise)
-    and verify them. --algo dapo adds DAPO's dynamic sampling: groups whose rewards are all equal
-    carry no GRPO signal and are dropped, and more prompts are drawn until the batch is full of
-    mixed groups (at most --max-resample rounds; if none is mixed by then, the last round is kept).
-    Under torchrun every process draws as many rounds, and tops a short batch up with uniform
-    groups (advantage 0), so that all hold the same number of rows."""
+    """G responses to each prompt that draw() returns (with golds and sampling noise), verified.
+    --algo dapo adds dynamic sampling: uniform groups (no GRPO signal) are dropped and more prompts
+    drawn until the batch is full of mixed groups, at most --max-resample rounds (none mixed by
+    then: the last round is kept). Under torchrun every process draws as many rounds and tops a
+    short batch up with uniform groups (advantage 0), so that all hold as many rows."""
     t0, G = time.perf_counter(), cfg.group_size
     parts, keep, n_mixed, b = [], [], 0, 0
     with full_weights(policy) as sampler:
@@ -261,12 +257,11 @@ def sample_batch(policy, tokenizer, draw, cfg: Config) -> dict:
 
 
 def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
-    """The rest of Algorithm 1 on a sampled batch: the entropy proxy, the advantages, then `mu`
-    PPO-clip optimizer steps over micro-batches. Returns the step's metrics (of all processes)."""
+    """The rest of Algorithm 1 on a sampled batch: Eq. 5, the advantages, then `mu` PPO-clip
+    optimizer steps over micro-batches. Returns the step's metrics, over all processes."""
     t0 = time.perf_counter()
     ids, attn, mask, rewards = (batch[k] for k in ("input_ids", "attention_mask", "response_mask", "rewards"))
     G, n_response = cfg.group_size, mask.shape[1]
-    chunks = micro_batches(len(ids), int(all_reduce(ids.shape[1], ids.device, "max")), cfg)
     entropy = sequence_entropy(batch["logprobs"], batch["entropy_mask"])                 # (N,)   Eq. 5
     adv = grpo_advantages(rewards, G)                                                    # (N,)   Eq. 2
     if cfg.algo == "egpo":                                                               #        Eqs. 7-11, 13
@@ -278,17 +273,18 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
                                     nsr="off", eps_h=1e-6)
     else:  # grpo, dapo
         adv_tilde = adv
+    chunks = micro_batches(len(ids), int(all_reduce(ids.shape[1], ids.device, "max")), cfg)
     # pi_old is the sampler: with mu = 1 the update's own forward, detached (the first ratio is
     # exactly 1, as in TRL); with more epochs, its log-probs recomputed once (as verl).
     old = frozen_logprobs(policy, ids, attn, n_response, cfg) if cfg.mu > 1 else None    # (N, L)
     ref = frozen_logprobs(ref_model, ids, attn, n_response, cfg) if ref_model is not None else None
     weights, token_shares = loss_weights(mask, chunks, cfg)
-    logs = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    logs = dict.fromkeys(("loss", "kl", "clip_frac", "grad_norm"), 0.0)
     policy.train()
     for _ in range(cfg.mu):
         optimizer.zero_grad()
         for s, weight, token_share in zip(chunks, weights, token_shares):
-            with gradient_sync(policy, s is chunks[-1]):  # reduced across the processes after the last one
+            with gradient_sync(policy, s is chunks[-1]):  # reduced over the processes after the last one only
                 logprobs = token_logprobs(policy, ids[s], attn[s], n_response, cfg.temperature, cfg.bf16)
                 loss, stats = policy_loss(logprobs, logprobs.detach() if old is None else old[s], adv_tilde[s],
                                           mask[s], clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
@@ -296,8 +292,8 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
                                           loss_agg=cfg.loss_agg)                                  # Eq. 12
                 (loss * weight).backward()
             logs["loss"] += loss.item() * weight / rank_and_world_size()[1] / cfg.mu
-            logs["kl"] += stats["kl"] * token_share / cfg.mu
-            logs["clip_frac"] += stats["clip_frac"] * token_share / cfg.mu
+            for k in ("kl", "clip_frac"):
+                logs[k] += stats[k] * token_share / cfg.mu
         norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))  # 0: none
         logs["grad_norm"] += float(norm) / cfg.mu
         optimizer.step()
@@ -305,20 +301,18 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
 
 
 def loss_weights(mask: torch.Tensor, chunks: list[slice], cfg: Config) -> tuple[list[float], list[float]]:
-    """Each micro-batch's loss weight: its share of the tokens (token-mean) or of the responses
-    (seq-mean-token-mean) of the whole batch over all processes, times the number of processes
-    (DDP and FSDP average the processes' gradients). The accumulated gradient is then the whole
-    batch's, on one process or N. Also each micro-batch's share of the global token count."""
-    world_size = rank_and_world_size()[1]
+    """Each micro-batch's loss weight, its share of the tokens (token-mean) or responses of the
+    batch over all processes, times the number of processes (DDP and FSDP average gradients): the
+    accumulated gradient is the whole batch's on one process or N. And its share of the tokens."""
     tokens = [float(mask[s].sum()) for s in chunks]
     rows = [float(s.stop - s.start) for s in chunks] if cfg.loss_agg == "seq-mean-token-mean" else tokens
     total_rows, total_tokens = (float(all_reduce(sum(x), mask.device)) for x in (rows, tokens))
-    return [x * world_size / total_rows for x in rows], [x / total_tokens for x in tokens]
+    return [x * rank_and_world_size()[1] / total_rows for x in rows], [x / total_tokens for x in tokens]
 
 
 def micro_batches(n: int, width: int, cfg: Config) -> list[slice]:
-    """Row slices of at most --micro-batch-size responses, else of at most --micro-batch-tokens
-    tokens (rows x `width`, the padded sequence length), else one slice."""
+    """Row slices of --micro-batch-size rows, else of --micro-batch-tokens tokens (rows x `width`,
+    the padded length), else one slice."""
     size = cfg.micro_batch_size or (max(1, cfg.micro_batch_tokens // width) if cfg.micro_batch_tokens else n)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -654,8 +648,8 @@ def verify(completion: str, gold: str) -> float:
 
 
 def _normalize(s: str) -> str:
-    """Strip what does not change a final answer's value: outer braces, $, LaTeX spacing and text
-    wrappers, \\left/\\right, degrees, percent, thousands separators, trailing unit words."""
+    """Strip what does not change an answer's value: outer braces, $, LaTeX spacing and text wrappers,
+    \\left/\\right, degrees, percent, thousands separators, trailing unit words."""
     s, k = s.strip().replace("\u2212", "-"), 0  # Unicode minus
     pairs = _brace_pairs(s) if s.startswith("{") else {}
     while pairs.get(k) == len(s) - 1 - k > k:  # '{{5}}' -> '5', every layer in one pass
@@ -692,8 +686,7 @@ def _unwrap(s: str) -> str:
 
 
 def _strip_thousands(s: str) -> str:
-    """'1,234,567' -> '1234567' when every comma of s sits in such a number (in '45,135^\\circ'
-    or '1,500,2' they separate a list)."""
+    """'1,234,567' -> '1234567' if every comma sits in such a number ('45,135^\\circ' is a list)."""
     numbers = _THOUSANDS.findall(s)
     if not numbers or s.count(",") != sum(n.count(",") for n in numbers):
         return s
@@ -701,8 +694,7 @@ def _strip_thousands(s: str) -> str:
 
 
 def _to_number(s: str) -> int | float | None:
-    """An integer as an int (compared exactly); a decimal, a/b, \\frac{a}{b} (\\frac13 too) or a
-    mixed number 3\\frac{1}{2} as a float; signed. None for anything else, or a huge number."""
+    """An int (compared exactly); a decimal, a/b, \\frac{a}{b}, \\frac13 or 3\\frac{1}{2} as a float; signed; else None."""
     sign, s = (-1, s[1:].lstrip()) if s.startswith("-") else (1, s.removeprefix("+"))
     try:
         if re.fullmatch(r"\d+", s):
@@ -752,8 +744,7 @@ def _question_answer_row(r: dict) -> dict:
 
 
 def _mmlu_row(r: dict) -> dict | None:
-    """The options listed under the question, the letter as gold; anatomy left out (evalscope's 18
-    STEM subjects)."""
+    """The options under the question, the letter as gold; anatomy left out (evalscope's 18 subjects)."""
     if r.get("subject") == "anatomy":
         return None
     options = "\n".join(f"{letter}) {choice}" for letter, choice in zip(string.ascii_uppercase, r["choices"]))
@@ -788,9 +779,9 @@ DATASETS = {
 
 
 def read_dataset(spec: str, split: str | None = None) -> list[dict]:
-    """Rows {question, answer[, solution]} of `spec`: a name of DATASETS (from the hub, or NAME=PATH
-    for a local file in its schema), or a local .jsonl/.json/.parquet/.csv file with question and
-    answer columns. Duplicate questions and rows without an answer are left out."""
+    """Rows {question, answer[, solution]} of a DATASETS name (the hub, or NAME=PATH: a local copy in
+    its schema) or of a local .jsonl/.json/.parquet/.csv with question, answer columns. Duplicate
+    questions and rows without an answer are left out."""
     try:
         import datasets  # here, so that the toy run works without it
     except ImportError:
@@ -835,8 +826,8 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
 
 
 def build_prompt(tokenizer, question: str, dataset: str, thinking: bool = False) -> list[int]:
-    """The chat template when the tokenizer has one (`thinking`: Qwen3's enable_thinking); without
-    one, the toy task's own format ('47+38=') on --dataset toy, else a prompt asking for \\boxed{}."""
+    """The chat template when the tokenizer has one (`thinking`: Qwen3's enable_thinking); else the
+    toy task's own format ('47+38=') on --dataset toy, or a plain prompt asking for \\boxed{}."""
     instruction = "Please reason step by step, and put your final answer within \\boxed{}."
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": f"{question}\n{instruction}"}],
@@ -848,8 +839,8 @@ def build_prompt(tokenizer, question: str, dataset: str, thinking: bool = False)
 
 
 def load_data(cfg: Config, tokenizer, policy) -> tuple[list, list, dict]:
-    """(training rows, their prompts, the evaluation sets): GSM8K's own splits; any other dataset
-    shuffled with --seed, --eval-size rows held out. Every prompt must fit the model's context."""
+    """(training rows, their prompts, the evaluation sets): GSM8K's own splits, any other dataset
+    shuffled with --seed and --eval-size rows held out; every prompt must fit the context."""
     eval_only = cfg.steps == 0 and not cfg.sft_steps and cfg.eval_datasets  # no training set needed
     if eval_only:
         rows, held_out = [], []
@@ -882,9 +873,8 @@ def load_data(cfg: Config, tokenizer, policy) -> tuple[list, list, dict]:
 
 
 def eval_sets(cfg: Config, tokenizer, held_out: list) -> dict:
-    """{key prefix: (prompts, golds)}: the held-out split (prefix '', the training set's format), or
-    each of --eval-datasets in its own format (prefix 'NAME/': the dataset's name, the NAME of
-    NAME=PATH, or a local file's stem)."""
+    """{key prefix: (prompts, golds)}: the held-out split ('', the training set's format), or each of
+    --eval-datasets in its own format ('NAME/': its name, the NAME of NAME=PATH, or a file's stem)."""
     sets = {"": (cfg.dataset, held_out)} if held_out and not cfg.eval_datasets else {}
     for spec in filter(None, (cfg.eval_datasets or "").split(",")):
         name, _, path = spec.strip().partition("=")
@@ -907,7 +897,7 @@ Qwen2.5-Math-1.5B-Instruct Qwen2.5-Math-7B-Instruct Qwen3-0.6B Qwen3-1.7B Qwen3-
 
 
 def build_tiny_model(seed: int):
-    """A 0.14M-parameter Qwen2ForCausalLM (random init) and a character-level tokenizer, built here:
+    """A 0.14M-parameter Qwen2ForCausalLM (random init) and a character tokenizer, built here:
     hidden 64, intermediate 256, 2 layers, 4 heads, tied embeddings, context 256."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -933,9 +923,9 @@ def is_tiny(model: str) -> bool:
 
 
 def load_policy(cfg: Config, device: torch.device, path: str | None = None):
-    """(Policy(model), tokenizer) of --model, or of the folder `path`, on `device`: fp32 weights,
-    left padding, and a generation config of token ids only (eos, the chat template's end of turn:
-    base models often have another eos, and write on past it)."""
+    """(Policy(model), tokenizer) of --model (or the folder `path`) on `device`: fp32 weights, left
+    padding, and only token ids in the generation config: eos, and the chat template's end of
+    turn (base models often have another eos, and write on past it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if cfg.model == "tiny" and path is None:
@@ -987,8 +977,8 @@ def reference_model(policy, tokenizer, cfg: Config, device, resumed: dict | None
 
 
 def kv_cache(config):
-    """transformers' DynamicCache, the keys stored in the values' dtype: under bf16 autocast the
-    rotary embedding makes them fp32 (a cache 1.5x as large); attention casts them to bf16 anyway."""
+    """transformers' DynamicCache with the keys in the values' dtype: under bf16 autocast the rotary
+    embedding makes them fp32 (1.5x the memory), and attention casts them to bf16 anyway."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
@@ -1010,9 +1000,9 @@ def context_length(model, tokenizer) -> int:
 # --- the warm-up, the evaluation and the step metrics ---------------------------------------------
 def sft_warmup(policy: Policy, tokenizer, rows: list, prompts: list, cfg: Config, rng: random.Random) -> int:
     """Supervised warm-up on worked solutions (prompts masked), so that RL starts from a model that
-    gets some answers right. Every 10 steps it checks greedy accuracy on 64 training problems and
-    stops at --sft-target: the toy task is learnt in a sharp step, and a target lands at the same
-    accuracy on any CPU where a step count would not. Returns the steps taken."""
+    gets some answers right. It stops once greedy accuracy on 64 training problems reaches
+    --sft-target (checked every 10 steps): the toy task is learnt in a sharp step, where a target
+    lands at the same accuracy on any CPU and a step count does not. Returns the steps taken."""
     device, optimizer = policy.lm.device, torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr)
     check = rng.sample(range(len(rows)), min(64, len(rows)))
     policy.train()
@@ -1047,12 +1037,11 @@ def pad_right(rows: list[list[int]], value: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config, prefix: str = "") -> dict:
-    """The paper's protocol (Section 4.1) on one set of problems: a greedy answer and k =
-    --eval-samples sampled ones per problem. Returns (keys prefixed by `prefix`) the greedy
-    accuracy, the mean pass@1 (each problem's accuracy over its k samples) with its standard
-    error, the share of samples cut off, and on the samples the AUROC of -H and the mean H of
-    all, right and wrong ones (Section 4.4's gap). The noise has its own generator, seeded by
-    --seed: every evaluation sees the same. Under torchrun each process takes a share."""
+    """The paper's protocol (Section 4.1): a greedy answer and k = --eval-samples sampled ones per
+    problem. Returns (keys prefixed by `prefix`) greedy accuracy, mean pass@1 with its standard
+    error, the share cut off, and on the samples the AUROC of -H and the mean H of all, right and
+    wrong answers (Section 4.4). Its noise is seeded by --seed (every evaluation sees the same).
+    Under torchrun each process takes a share of the problems."""
     rank, world_size = rank_and_world_size()
     k = cfg.eval_samples
     ecfg = dataclasses.replace(cfg, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=cfg.eval_top_k,
@@ -1095,9 +1084,8 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def calibration_metrics(rewards, entropy, adv, adv_tilde, group_size: int) -> dict:
-    """Accuracy, the entropy proxy by correctness, the weights w = A~ / A in mixed groups, NSR's mean
-    A~ in all-wrong groups, the group kinds, the four metacognitive quadrants (confident = H below
-    its group's mean) and the AUROC of -H. Responses without entropy are left out of the H numbers."""
+    """Accuracy, H by correctness, w = A~ / A in mixed groups, NSR's mean A~, the group kinds, the
+    four quadrants (confident: H below the group's mean) and the AUROC of -H."""
     r, h, nan = rewards.float().view(-1, group_size), entropy.float().view(-1, group_size), float("nan")
     mixed, all_wrong = r.std(1) > 0, r.amax(1) <= 0
     confident = (h < h.nanmean(1, keepdim=True)).view(-1)
@@ -1121,8 +1109,7 @@ def calibration_metrics(rewards, entropy, adv, adv_tilde, group_size: int) -> di
 
 
 def step_metrics(batch: dict, entropy, adv, adv_tilde, logs: dict, time_update: float, cfg: Config) -> dict:
-    """One step's metrics over all processes: the calibration's, the update's and the sampling's;
-    with --log-completions, every response with its reward, H, A and A~ (train() writes them)."""
+    """A step's metrics over all processes; with --log-completions, every response with r, H, A, A~."""
     device = batch["rewards"].device
     logs = {**logs, **{k: float(all_reduce(logs[k], device)) for k in ("loss", "kl", "clip_frac")}}
     if device.type == "cuda":
@@ -1173,8 +1160,7 @@ def all_gather(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def init_distributed(cfg: Config) -> torch.device:
-    """Under torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK): join the process group, a GPU per
-    process (NCCL) or CPU processes (gloo). Alone: --device."""
+    """Under torchrun: join the process group, a GPU per process (NCCL) or CPU processes (gloo)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         if cfg.fsdp:
@@ -1192,9 +1178,8 @@ def init_distributed(cfg: Config) -> torch.device:
 
 
 def parallelize(policy: Policy, cfg: Config):
-    """Under torchrun: rank 0's weights on every process, then DDP (a full copy per process) or,
-    with --fsdp, FSDP2's fully_shard (weights, gradients and AdamW's state split over the
-    processes, each decoder layer gathered only while it runs)."""
+    """Under torchrun: rank 0's weights everywhere, then DDP (a copy per process) or, with --fsdp,
+    FSDP2 (weights, gradients and AdamW's state sharded; a decoder layer gathered while it runs)."""
     if rank_and_world_size()[1] == 1:
         return policy
     for x in policy.state_dict().values():
@@ -1216,9 +1201,8 @@ def unwrap(policy) -> Policy:
 
 @contextlib.contextmanager
 def gradient_sync(policy, sync: bool):
-    """Gradient accumulation without communication: only with sync=True does a micro-batch reduce
-    the gradients (DDP: no_sync around the forward too, or its reducer is armed; FSDP: no
-    reduce-scatter)."""
+    """Only the micro-batch with sync=True reduces gradients (DDP: no_sync over the forward too;
+    FSDP: no reduce-scatter)."""
     from torch.distributed.fsdp import FSDPModule
 
     if isinstance(policy, FSDPModule):
@@ -1230,9 +1214,8 @@ def gradient_sync(policy, sync: bool):
 
 @contextlib.contextmanager
 def full_weights(policy):
-    """The module to sample with. DDP: the module inside (its own forward would sync buffers at
-    every token). FSDP: the policy with all its weights gathered once for the whole generation,
-    so no decode step waits for the other processes (they stop at different lengths)."""
+    """The module to sample with. DDP: the module inside (its forward would sync buffers at every
+    token); FSDP: all weights gathered once for the whole generation (no decode step waits)."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(policy, FSDPModule):
@@ -1259,11 +1242,10 @@ def generator_states(rng: random.Random, noise_rng: torch.Generator, device) -> 
 
 
 def save_checkpoint(policy, tokenizer, optimizer, generators: dict, summary: dict, cfg: Config):
-    """checkpoint/: the model and tokenizer (save_pretrained), AdamW's state (optimizer.pt; under
-    FSDP each process's shard, optimizer-rank<r>.pt), every process's generators (rng.pt) and,
-    last, trainer_state.json (the step and the summary so far): a checkpoint holding it is
-    complete. All goes to checkpoint.new/, which then replaces checkpoint/: a kill at any moment
-    leaves the previous checkpoint whole. Every process calls this; rank 0 writes shared files."""
+    """checkpoint/: model and tokenizer (save_pretrained), AdamW's state (optimizer.pt, or each
+    FSDP shard: optimizer-rank<r>.pt), every process's generators (rng.pt) and, last,
+    trainer_state.json (step, summary so far), which marks it complete. It is written as
+    checkpoint.new/ and then swapped in: a kill at any moment leaves the previous one whole."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
@@ -1299,8 +1281,8 @@ def save_checkpoint(policy, tokenizer, optimizer, generators: dict, summary: dic
 
 
 def last_checkpoint(run: str) -> dict:
-    """The trainer_state.json of the checkpoint a run resumes from, with its 'path': checkpoint/, or
-    checkpoint.old/ after a kill between save_checkpoint's two renames (never checkpoint.new/)."""
+    """trainer_state.json of the checkpoint to resume from, with its 'path': checkpoint/, or after
+    a kill between save_checkpoint's renames checkpoint.old/ (never checkpoint.new/)."""
     for path in (os.path.join(run, "checkpoint"), os.path.join(run, "checkpoint.old")):
         if os.path.isdir(path):
             try:  # NaN was written as null
@@ -1315,9 +1297,8 @@ def last_checkpoint(run: str) -> dict:
 
 
 def resume_point(cfg: Config, world_size: int) -> dict | None:
-    """With --resume: the last checkpoint's state, with the optimizer's and this process's
-    generators read in now, so that a bad file stops the run before anything in the folder changes.
-    Tensors and plain values only (weights_only=True): reading runs no code."""
+    """--resume: the checkpoint's state, optimizer and this process's generators, read (tensors and
+    plain values only, weights_only=True) before anything in the folder changes."""
     import pickle
 
     if not cfg.resume:
@@ -1342,7 +1323,7 @@ def resume_point(cfg: Config, world_size: int) -> dict | None:
 
 
 def restore_training_state(optimizer, rng, noise_rng, resumed: dict, device):
-    """AdamW's state (under FSDP, each shard back into its parameter's layout) and the generators."""
+    """AdamW's state (an FSDP shard back into its parameter's layout) and the generators."""
     from torch.distributed.tensor import DTensor
 
     state, params = resumed["optimizer"], [p for group in optimizer.param_groups for p in group["params"]]
@@ -1363,9 +1344,8 @@ def restore_training_state(optimizer, rng, noise_rng, resumed: dict, device):
 
 @contextlib.contextmanager
 def stop_after_step(stop: list):
-    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's, or torchrun's) appends to `stop`, and train()
-    stops after the current step: a checkpoint never holds a step half done. A second Ctrl-C
-    stops at once, without a checkpoint."""
+    """Ctrl-C or SIGTERM (a scheduler's, torchrun's): stop after the current step, so that a
+    checkpoint never holds a step half done. Ctrl-C twice: at once, without a checkpoint."""
     def handle(signum, _):
         if signum == signal.SIGINT and signal.SIGINT in stop:
             raise KeyboardInterrupt
@@ -1384,9 +1364,8 @@ def stop_after_step(stop: list):
 
 @contextlib.contextmanager
 def open_logs(cfg: Config, resumed: dict | None):
-    """(log(metrics), log_completions(step, rows)), writing metrics.jsonl and completions.jsonl as
-    the run goes (rank 0 only). A resumed run first drops their lines after its checkpoint's step
-    (and a line cut off by a kill), then appends."""
+    """Writers of metrics.jsonl and completions.jsonl (rank 0). A resumed run drops their lines after
+    its checkpoint (and a line cut off by a kill), then appends."""
     rank0 = rank_and_world_size()[0] == 0
     paths = [os.path.join(cfg.out, name) if rank0 and (name == "metrics.jsonl" or cfg.log_completions)
              else os.devnull for name in ("metrics.jsonl", "completions.jsonl")]
@@ -1475,8 +1454,8 @@ def resolve(cfg: Config) -> Config:
 
 
 def parse_args(argv=None) -> Config:
-    """The command line as a Config. With --resume RUN: RUN's config.json, in which only the flags of
-    RESUMABLE may take another value."""
+    """The command line as a Config; with --resume RUN, RUN's config.json, where only RESUMABLE
+    flags may take another value."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="egpo.py", description=__doc__.split("\n\n")[0])
@@ -1537,8 +1516,7 @@ def write_summary(summary: dict, cfg: Config):
 
 
 def start_run(cfg: Config, resumed: dict | None, policy, device, train_rows: list, evals: dict):
-    """Rank 0: the run folder, config.json (every resolved flag; a resumed run's own, with the
-    flags that may change and the command that resumed it) and one line saying what runs."""
+    """Rank 0: the run folder, config.json (a resumed run keeps its own) and a line on what runs."""
     rank, world_size = rank_and_world_size()
     cfg.out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.algo}-"
                                       + os.path.basename(cfg.model.rstrip("/")))
