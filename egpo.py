@@ -825,17 +825,22 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
     return list(rows.values())
 
 
-def build_prompt(tokenizer, question: str, dataset: str, thinking: bool = False) -> list[int]:
-    """The chat template when the tokenizer has one (`thinking`: Qwen3's enable_thinking); else the
-    toy task's own format ('47+38=') on --dataset toy, or a plain prompt asking for \\boxed{}."""
+def build_prompts(tokenizer, questions: list[str], dataset: str, thinking: bool = False) -> list[list[int]]:
+    """Each question's prompt, tokenized in one batch: the chat template when the tokenizer has one
+    (`thinking`: Qwen3's enable_thinking); else the toy task's own format ('47+38=') on --dataset
+    toy, or a plain prompt asking for \\boxed{}."""
     instruction = "Please reason step by step, and put your final answer within \\boxed{}."
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{question}\n{instruction}"}],
-                                             tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
-        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    if dataset == "toy":
-        return tokenizer(question, verbose=False)["input_ids"]
-    return tokenizer(f"Question: {question}\n{instruction}\nAnswer:", verbose=False)["input_ids"]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": f"{q}\n{instruction}"}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=thinking) for q in questions]
+        return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    if dataset != "toy":
+        questions = [f"Question: {q}\n{instruction}\nAnswer:" for q in questions]
+    return tokenizer(questions, verbose=False)["input_ids"] if questions else []
+
+
+def build_prompt(tokenizer, question: str, dataset: str, thinking: bool = False) -> list[int]:
+    return build_prompts(tokenizer, [question], dataset, thinking)[0]
 
 
 def load_data(cfg: Config, tokenizer, policy) -> tuple[list, list, dict]:
@@ -856,13 +861,13 @@ def load_data(cfg: Config, tokenizer, policy) -> tuple[list, list, dict]:
         random.Random(cfg.seed).shuffle(rows)
         rows, held_out = rows[cfg.eval_size:], rows[:cfg.eval_size]
     if cfg.dataset.startswith("openr1"):  # the paper's filter: prompts of at most 1024 tokens
-        rows, held_out = ([r for r in x if len(build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking))
-                           <= 1024] for x in (rows, held_out))
+        rows, held_out = ([r for r, p in zip(x, build_prompts(tokenizer, [r["question"] for r in x], cfg.dataset,
+                                                              cfg.thinking)) if len(p) <= 1024] for x in (rows, held_out))
     if not rows and not eval_only:
         raise UserError(f"no training problems left after holding out --eval-size {cfg.eval_size}: lower it")
     if cfg.sft_steps and not all("solution" in r for r in rows):
         raise UserError("--sft-steps needs worked solutions (the toy task, or GSM8K-style '... #### N' answers)")
-    prompts = [build_prompt(tokenizer, r["question"], cfg.dataset, cfg.thinking) for r in rows]
+    prompts = build_prompts(tokenizer, [r["question"] for r in rows], cfg.dataset, cfg.thinking)
     evals, limit = eval_sets(cfg, tokenizer, held_out), context_length(policy.lm, tokenizer)
     for ps, new, name in [(prompts, cfg.max_new_tokens, "--max-new-tokens")] + \
             [(ps, cfg.eval_max_new_tokens, "--eval-max-new-tokens") for ps, _ in evals.values()]:
@@ -882,7 +887,7 @@ def eval_sets(cfg: Config, tokenizer, held_out: list) -> dict:
         if name + "/" in sets:
             raise UserError(f"--eval-datasets names {name} twice: rename a file, or give it as NAME=PATH")
         sets[name + "/"] = (spec, read_dataset(spec))
-    return {prefix: ([build_prompt(tokenizer, r["question"], dataset, cfg.thinking) for r in rows],
+    return {prefix: (build_prompts(tokenizer, [r["question"] for r in rows], dataset, cfg.thinking),
                      [r["answer"] for r in rows]) for prefix, (dataset, rows) in sets.items()}
 
 

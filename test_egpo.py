@@ -3,6 +3,7 @@ verifier, the sampler, the command line end to end (tiny model, offline) and its
 
     pytest -q
 """
+import importlib.util
 import json
 import math
 import os
@@ -1654,6 +1655,93 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tmp_path, capsys):
     data.write_text("".join(json.dumps({"question": "1+" * 150 + str(i), "answer": "151"}) + "\n" for i in range(4)))
     expect_user_error(["--dataset", str(data), "--eval-size", "1", "--out", str(tmp_path)], capsys,
                       "exceeds the model's context of 256", "--max-new-tokens")
+
+
+# ---------------------------------------------------------------- scripts/: the commands behind the README's numbers
+SCRIPTS = {}
+
+
+def script(name):
+    """scripts/NAME.py as a module: each is run here in a tiny setting, in this process."""
+    if name not in SCRIPTS:
+        spec = importlib.util.spec_from_file_location(name, HERE / "scripts" / f"{name}.py")
+        SCRIPTS[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(SCRIPTS[name])
+    return SCRIPTS[name]
+
+
+def test_every_script_has_help_and_a_test_below():
+    tested = {"table_study", "bench_vs_trl", "sampler_vs_generate", "logprob_memory", "calibration_cost", "gpu_check"}
+    assert {p.stem for p in (HERE / "scripts").glob("*.py")} == tested
+    for name in tested:
+        with pytest.raises(SystemExit) as e:
+            script(name).main(["--help"])
+        assert e.value.code == 0
+
+
+def test_table_study_script_reports_the_runs_means_and_paired_differences(tmp_path, capsys):
+    small = ["--seeds", "2", "--methods", "GRPO,EGPO", "--digits", "2", "--steps", "2", "--jobs", "1", "--out",
+             str(tmp_path), "--warmup-args", "--sft-steps 6 --sft-target 0",
+             "--egpo-args", "--eval-size 4 --prompts-per-step 2 --group-size 4 --max-new-tokens 20"]
+    script("table_study").main(small)
+    out = capsys.readouterr().out
+    acc = {m: [read_json(tmp_path / f"{m}-s{s}" / "summary.json")["after"]["eval_acc"] for s in (0, 1)]
+           for m in ("GRPO", "EGPO")}
+    egpo_row = next(line for line in out.splitlines() if line.startswith("| EGPO |"))
+    assert egpo_row.split(" | ")[1] == f"{50 * sum(acc['EGPO']):.1f}"  # the mean over the two seeds, in %
+    d = [100 * (e - g) for e, g in zip(acc["EGPO"], acc["GRPO"])]
+    half = 12.706 * abs(d[0] - d[1]) / 2 ** 0.5 / 2 ** 0.5  # Student's t (1 dof) x stdev / sqrt(2)
+    assert egpo_row.split(" | ")[2] == f"{sum(d) / 2:+.1f} [{sum(d) / 2 - half:+.1f}, {sum(d) / 2 + half:+.1f}]"
+    assert "2 seeds, 2-digit task, 2 RL steps of 2 x 4" in out and "warm-up steps [6, 6]" in out
+    script("table_study").main(small)  # every run is complete: none runs again
+    out = capsys.readouterr().out
+    assert "2 runs reused, 0 to run" in out and "4 runs reused, 0 to run" in out
+
+
+def test_sampler_benchmark_script(capsys):
+    generate, ours = script("sampler_vs_generate").main(["--rows", "4", "--new-tokens", "4", "--rounds", "1"])
+    assert generate > 0 and ours > 0 and "cpu: generated tokens/s, generate" in capsys.readouterr().out
+
+
+def test_logprob_memory_script_measures_both_ways(capsys):
+    for how in ("full", "chunked"):  # without --how, each runs in a process of its own
+        script("logprob_memory").main(["--how", how, "--vocab", "500", "--hidden", "64", "--intermediate", "64",
+                                       "--rows", "2", "--prompt", "4", "--response", "8"])
+    assert re.findall(r"^(full|chunked): \d+\.\d\d GiB above the model$", capsys.readouterr().out, re.M) == \
+        ["full", "chunked"]
+
+
+def test_calibration_cost_script(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"time_sample": t, "time_update": 0.1}) + "\n"
+                                                    for t in (0.1, 0.3, 0.2)))
+    script("calibration_cost").main(["--calls", "5", "--repeats", "1", "--metrics", str(tmp_path / "metrics.jsonl")])
+    assert re.search(r"egpo_advantages \d+ us.*of the run's median step \(300 ms\)", capsys.readouterr().out)
+
+
+def test_trl_comparison_script_times_egpo_and_trl_when_it_is_installed(capsys):
+    script("bench_vs_trl").main(["--steps", "2", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"median of 1: egpo\.py \d+\.\d{3}", out)
+    try:
+        import trl  # noqa: F401
+        assert "egpo.py / TRL = " in out
+    except ImportError:
+        assert "TRL is not installed" in out
+
+
+def test_gpu_check_script_on_the_cpu(tmp_path, capsys, monkeypatch):
+    """The GPU check's code on the tiny shape and the CPU: the resumed run equals the straight one
+    exactly here, and the KV cache is bf16 under autocast. On a machine without CUDA, --device cuda
+    says it needs a GPU."""
+    script("gpu_check").main(["--device", "cpu", "--shape", "tiny", "--steps", "2", "--new-tokens", "4",
+                              "--out", str(tmp_path)])
+    report = read_json(tmp_path / "gpu_check.json")
+    assert report["resumed: max weight difference to the straight run"] == 0.0
+    assert report["KV cache dtypes under bf16 autocast"] == ["torch.bfloat16"] and report["median clip_frac"] == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        script("gpu_check").main(["--out", str(tmp_path)])
+    assert "needs a GPU" in str(e.value.code)
 
 
 # ---------------------------------------------------------------- the notebook
