@@ -25,7 +25,7 @@ Part I, the method, in the order of Algorithm 1:
 Part II is an appendix of plumbing, to skip on a first read: the verifier, datasets and prompts,
 model loading, step metrics and evaluation, torchrun, checkpoints, the flags' checks and main.
 """
-import contextlib, copy, dataclasses, json, math, os, random, re, shutil, signal, string, sys, time
+import contextlib, copy, dataclasses, datetime, json, math, os, random, re, shutil, signal, string, sys, time
 from dataclasses import dataclass, field
 
 import torch
@@ -504,8 +504,8 @@ def train(cfg: Config) -> dict:
     device = init_distributed(cfg)
     rank, world_size = rank_and_world_size()
     resumed = resume_point(cfg, world_size)  # None, or the checkpoint's state, read before anything changes
-    if is_tiny(cfg.model) and device.type == "cpu":  # one thread: the same sums, so the same numbers on any CPU
-        torch.set_num_threads(1)
+    if is_tiny(resumed["path"] if resumed else cfg.model) and device.type == "cpu":
+        torch.set_num_threads(1)  # one thread: the same sums, so the same numbers on any CPU
     torch.manual_seed(cfg.seed)
     rng, noise_rng = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     policy, tokenizer = load_policy(cfg, device, resumed and resumed["path"])
@@ -542,9 +542,10 @@ def train(cfg: Config) -> dict:
                 summary["before"] = evaluate_all()
                 write_summary(summary, cfg)
             consistent = True  # the run's state is one a checkpoint can hold: not a step half done
+            bar = tqdm(range(summary["steps_done"] + 1, cfg.steps + 1), desc=cfg.algo, disable=rank > 0,
+                       initial=summary["steps_done"], total=cfg.steps)
             with stop_after_step(stop):  # Ctrl-C or SIGTERM: stop after the current step
-                for step in tqdm(range(summary["steps_done"] + 1, cfg.steps + 1), desc=cfg.algo, disable=rank > 0,
-                                 initial=summary["steps_done"], total=cfg.steps):
+                for step in bar:
                     consistent = False
                     batch = sample_batch(policy, tokenizer, draw, cfg)
                     metrics = {"step": step, **rl_step(policy, ref_model, optimizer, batch, cfg)}
@@ -554,10 +555,12 @@ def train(cfg: Config) -> dict:
                         summary["after"] = {k: metrics[k] for k in summary["before"]}
                     log(metrics)
                     summary["steps_done"], consistent = step, True
+                    bar.set_postfix(acc=f"{metrics['acc']:.2f}", H=f"{metrics['entropy_mean']:.2f}",
+                                    auroc=f"{metrics['auroc_confidence']:.2f}")
                     if cfg.save_every and step % cfg.save_every == 0:
                         checkpoint()
                         saved = step
-                    if all_reduce(len(stop), device) > 0:  # every process stops after the same step
+                    if step < cfg.steps and all_reduce(len(stop), device) > 0:  # all stop after the same step
                         raise KeyboardInterrupt
     except KeyboardInterrupt:
         summary["interrupted"] = True
@@ -565,9 +568,11 @@ def train(cfg: Config) -> dict:
             print(f"\ninterrupted after {summary['steps_done']} RL steps", file=sys.stderr)
     finally:
         trained = summary["steps_done"] or "sft_steps_done" in summary  # an evaluation alone makes no model
-        if trained and consistent and saved != summary["steps_done"]:
-            checkpoint()
-        write_summary(summary, cfg)
+        try:  # no checkpoint after Ctrl-C twice ("at once")
+            if trained and consistent and saved != summary["steps_done"] and stop.count(signal.SIGINT) < 2:
+                checkpoint()
+        finally:
+            write_summary(summary, cfg)
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return summary
@@ -654,8 +659,8 @@ def _normalize(s: str) -> str:
     pairs = _brace_pairs(s) if s.startswith("{") else {}
     while pairs.get(k) == len(s) - 1 - k > k:  # '{{5}}' -> '5', every layer in one pass
         k += 1
-    s = re.sub(r",\s*\\!\s*", ",", s[k:len(s) - k]).replace("{,}", ",").replace("\\!", "").replace("\\$", "")
-    s = _SPACING.sub(lambda m: m.group() if m.group() == "\\\\" else " ", s.replace("$", "").strip())
+    s = re.sub(r",\s*\\!\s*", ",", s[k:len(s) - k].strip()).replace("{,}", ",").replace("\\!", "").replace("\\$", "")
+    s = _SPACING.sub(lambda m: m.group() if m.group() == "\\\\" else " ", s.replace("$", ""))
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     s = _unwrap(_strip_thousands(s))  # '2, 500' stays a list; 5\text{ cm} -> '5 cm', whose unit goes below
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree|\\%|%|\bpercent\b|\bpct\b", "", s)
@@ -918,11 +923,13 @@ def build_tiny_model(seed: int):
 
 def is_tiny(model: str) -> bool:
     """'tiny', or a checkpoint of it: a folder whose config and tokenizer are build_tiny_model's."""
+    if model == "tiny":
+        return True
     try:
         with open(os.path.join(model, "config.json")) as f, open(os.path.join(model, "tokenizer.json")) as g:
             config, vocab = json.load(f), json.load(g)["model"].get("vocab")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return model == "tiny"
+        return False
     return vocab == {t: i for i, t in enumerate(TINY_VOCAB)} and config.get("model_type") == "qwen2" and \
         all(config.get(k) == v for k, v in TINY_CONFIG.items())
 
@@ -1160,6 +1167,8 @@ def all_gather_objects(rows: list) -> list:
 
 def all_gather(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Each tensor concatenated over the processes, rank 0's rows first."""
+    if rank_and_world_size()[1] == 1:
+        return list(tensors)
     parts = all_gather_objects([[x.cpu() for x in tensors]])
     return [torch.cat(xs).to(x.device) for xs, x in zip(zip(*parts), tensors)]
 
@@ -1178,7 +1187,8 @@ def init_distributed(cfg: Config) -> torch.device:
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cfg.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",  # rank 0 may write a big
+                                         timeout=datetime.timedelta(hours=1))  # checkpoint while the others wait
     return device
 
 
@@ -1278,7 +1288,8 @@ def save_checkpoint(policy, tokenizer, optimizer, generators: dict, summary: dic
         with open(os.path.join(new, "trainer_state.json"), "w") as f:
             f.write(to_json({"step": summary["steps_done"], "algo": cfg.algo, "model": cfg.model,
                              "world_size": world_size, "summary": summary}, indent=2))
-        if os.path.isdir(final):
+        if os.path.isdir(final):  # a checkpoint.old/ left by a kill is older than checkpoint/
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(new, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -1319,8 +1330,8 @@ def resume_point(cfg: Config, world_size: int) -> dict | None:
     try:
         resumed["optimizer"], generators = (torch.load(os.path.join(resumed["path"], f), map_location="cpu",
                                                        weights_only=True) for f in files)
-    except (OSError, pickle.UnpicklingError) as e:
-        raise UserError(f"{resumed['path']}: {' or '.join(files)} is missing or holds more than tensors and plain "
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+        raise UserError(f"{resumed['path']}: {' or '.join(files)} is missing, damaged or holds more than tensors and plain "
                         f"values ({type(e).__name__}): not loaded") from None
     resumed["generators"] = generators[rank]
     resumed["summary"].pop("interrupted", None)
@@ -1331,7 +1342,7 @@ def restore_training_state(optimizer, rng, noise_rng, resumed: dict, device):
     """AdamW's state (an FSDP shard back into its parameter's layout) and the generators."""
     from torch.distributed.tensor import DTensor
 
-    state, params = resumed["optimizer"], [p for group in optimizer.param_groups for p in group["params"]]
+    state, params = resumed.pop("optimizer"), [p for group in optimizer.param_groups for p in group["params"]]
     for i, moments in state["state"].items():
         p = params[i]
         for k, v in moments.items():
@@ -1353,6 +1364,7 @@ def stop_after_step(stop: list):
     checkpoint never holds a step half done. Ctrl-C twice: at once, without a checkpoint."""
     def handle(signum, _):
         if signum == signal.SIGINT and signal.SIGINT in stop:
+            stop.append(signum)
             raise KeyboardInterrupt
         if not stop:
             print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again: at once, without a "
@@ -1409,7 +1421,9 @@ class UserError(Exception):
 
 
 def in_range(x, check: str) -> bool:
-    """x within a range written as '>= 1', '> 0', '(0, 1]' or '[0, 1)'."""
+    """x finite, and within a range written as '>= 1', '> 0', '(0, 1]' or '[0, 1)'."""
+    if not math.isfinite(x):
+        return False
     if check.startswith(">"):
         bound = float(check.lstrip(">= "))
         return x >= bound if check.startswith(">=") else x > bound
@@ -1562,7 +1576,7 @@ def print_summary(summary: dict, cfg: Config):
                   f"± {100 * x['eval_acc_sampled_se']:4.1f}% {100 * x['eval_truncated']:8.1f}% {x['eval_auroc']:11.3f} "
                   f"{x['eval_entropy_correct']:7.3f} {x['eval_entropy_incorrect']:7.3f}")
     files = "metrics.jsonl, " + "completions.jsonl, " * cfg.log_completions + "config.json, summary.json"
-    saved = f" and the model in {cfg.out}/checkpoint/" if summary["steps_done"] or cfg.sft_steps else ""
+    saved = f" and the model in {cfg.out}/checkpoint/" if os.path.isdir(os.path.join(cfg.out, "checkpoint")) else ""
     print(f"\nwrote {cfg.out}/{files}{saved}")
 
 

@@ -385,6 +385,8 @@ MATH_CASES = [
     ("The distance is $\\boxed{125\\textnormal{ miles}}.$", "125", 1),
     ("The answer is $\\boxed{\\frac{1}{3} \\textbf{meters}}$.", "1/3", 1),
     ("$\\boxed{28 percent}", "28\\%", 1),
+    ("\\boxed{50\\ \\$}", "50", 1),  # a space command, then a dollar sign
+    ("\\boxed{\\$50\\ \\!}", "50", 1),
 ]
 
 
@@ -1317,20 +1319,26 @@ def assert_same_run(a, b):
     assert read_json(a / "summary.json") == read_json(b / "summary.json")
 
 
+def send_sigint_in_rl_step(monkeypatch, *calls):
+    """Ctrl-C to this process at the start of the rl_step calls numbered `calls` (a call twice: twice)."""
+    real_rl_step, n = egpo.rl_step, []
+
+    def rl_step(*args, **kwargs):
+        n.append(1)
+        for _ in range(calls.count(len(n))):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_rl_step(*args, **kwargs)
+
+    monkeypatch.setattr(egpo, "rl_step", rl_step)
+    return n
+
+
 @pytest.mark.parametrize("flags", [(), ("--algo", "dapo", "--beta", "0.1", "--mu", "2")], ids=["egpo", "dapo-kl-mu2"])
 def test_a_run_stopped_and_resumed_ends_as_the_run_in_one_go(in_one_go, flags, tmp_path, monkeypatch):
     """Ctrl-C during step 1 of 3 (the run stops after that step and saves), then --resume: the
     optimizer state, the step, the data position, every random generator, DAPO's draws and the
     frozen reference model all carry over."""
-    real_rl_step, calls = egpo.rl_step, []
-
-    def rl_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_rl_step(*args, **kwargs)
-
-    monkeypatch.setattr(egpo, "rl_step", rl_step)
+    calls = send_sigint_in_rl_step(monkeypatch, 1)
     with pytest.raises(SystemExit) as e:
         egpo.main(LONG + list(flags) + ["--out", str(tmp_path)])
     assert e.value.code == 130 and [r["step"] for r in read_metrics(tmp_path)] == [1]
@@ -1402,13 +1410,36 @@ def test_resume_refuses_bad_input_with_one_line_and_changes_nothing(in_one_go, t
 
 def test_a_checkpoint_is_found_after_a_kill_between_the_two_renames(in_one_go, tmp_path):
     """save_checkpoint moves checkpoint/ to checkpoint.old/, then checkpoint.new/ to checkpoint/: a
-    kill in between leaves checkpoint.old/, whole, and a complete checkpoint.new/ is not trusted."""
+    kill in between leaves checkpoint.old/, whole, and a complete checkpoint.new/ is not trusted. A
+    checkpoint.old/ left beside checkpoint/ (a kill while it was being deleted) is replaced."""
     run = tmp_path / "run"
     shutil.copytree(in_one_go(), run)
     (run / "checkpoint").rename(run / "checkpoint.old")
     assert egpo.last_checkpoint(str(run))["path"] == str(run / "checkpoint.old")
     shutil.copytree(run / "checkpoint.old", run / "checkpoint.new")
     assert egpo.last_checkpoint(str(run))["path"] == str(run / "checkpoint.old")
+    shutil.copytree(run / "checkpoint.old", run / "checkpoint")
+    egpo.main(["--resume", str(run), "--steps", "4"])
+    assert read_json(run / "checkpoint" / "trainer_state.json")["step"] == 4
+    assert sorted(p.name for p in run.glob("checkpoint*")) == ["checkpoint"]
+
+
+def test_ctrl_c_in_the_last_step_ends_the_run_and_twice_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch):
+    send_sigint_in_rl_step(monkeypatch, 3)
+    egpo.main(LONG + ["--out", str(tmp_path / "last")])  # the run is done: no exit code 130
+    assert "interrupted" not in read_json(tmp_path / "last" / "summary.json")
+    send_sigint_in_rl_step(monkeypatch, 1, 1)
+    with pytest.raises(SystemExit) as e:
+        egpo.main(LONG + ["--out", str(tmp_path / "twice")])
+    assert e.value.code == 130 and read_metrics(tmp_path / "twice") == []
+    assert read_json(tmp_path / "twice" / "summary.json")["interrupted"]
+    assert not (tmp_path / "twice" / "checkpoint").exists()  # step 1 was half done
+
+
+def test_a_folder_named_tiny_does_not_change_what_tiny_means(tmp_path, monkeypatch):
+    save_tiny(tmp_path / "tiny", layers=1)  # not the tiny model
+    monkeypatch.chdir(tmp_path)
+    assert egpo.is_tiny("tiny") and not egpo.is_tiny(str(tmp_path / "tiny"))
 
 
 def test_help_documents_every_flag_of_the_spec(capsys):
@@ -1547,22 +1578,15 @@ def test_gradients_are_reduced_once_per_optimizer_step(tmp_path):
         assert one.abs().sum() > 0 and torch.allclose(one, two, rtol=0, atol=1e-6)
 
 
-def test_dapo_runs_under_torchrun(tmp_path):
-    """Dynamic sampling with 2 processes: the same rounds on both, whole groups, every row logged."""
-    p = torchrun(*DIST, "--algo", "dapo", "--max-resample", "2", "--out", str(tmp_path))
-    assert p.returncode == 0, p.stderr[-3000:]
-    records = read_metrics(tmp_path)
-    assert len(records) == 2 and all(r["groups_sampled"] in (4, 8) for r in records)
-    assert all(r["groups_all_correct"] + r["groups_all_wrong"] + r["groups_mixed"] == 4 for r in records)
-
-
-def test_ctrl_c_on_one_torchrun_process_stops_all_and_saves(tmp_path):
-    """SIGINT to rank 1 only: both processes stop after the same step and rank 0 writes the
-    checkpoint, the metrics so far and summary.json."""
+def test_dapo_under_torchrun_and_ctrl_c_on_one_process_stops_both_and_saves(tmp_path):
+    """DAPO's dynamic sampling with 2 processes: the same rounds on both, whole groups. SIGINT to
+    rank 1 only: both processes stop after the same step, and rank 0 writes the checkpoint, the
+    metrics so far and summary.json."""
     from transformers import AutoModelForCausalLM
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(HERE / "egpo.py"),
-           "--steps", "100000", "--sft-steps", "0", "--eval-size", "0", "--prompts-per-step", "2", "--out", str(tmp_path)]
+           *DIST, "--steps", "100000", "--eval-size", "0", "--algo", "dapo", "--max-resample", "2", "--out",
+           str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
@@ -1574,9 +1598,11 @@ def test_ctrl_c_on_one_torchrun_process_stops_all_and_saves(tmp_path):
     os.kill(int(rank1[0]), signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert "interrupted after" in err, err[-2000:]
-    summary = read_json(tmp_path / "summary.json")
-    assert summary["interrupted"] and summary["steps_done"] == len(read_metrics(tmp_path)) >= 2
+    records, summary = read_metrics(tmp_path), read_json(tmp_path / "summary.json")
+    assert summary["interrupted"] and summary["steps_done"] == len(records) >= 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").config.model_type == "qwen2"
+    assert all(r["groups_sampled"] in (4, 8) for r in records)  # B = 4 groups, at most 2 rounds
+    assert all(r["groups_all_correct"] + r["groups_all_wrong"] + r["groups_mixed"] == 4 for r in records)
 
 
 def test_torchrun_errors(capsys, monkeypatch, tmp_path):
@@ -1615,6 +1641,8 @@ def expect_user_error(argv, capsys, *words):
     (["--model", "no/model", "--clip-eps-low", "1"], ["--clip-eps-low must be in [0, 1)"]),
     (["--model", "no/model", "--clip-eps-low", "-0.1"], ["--clip-eps-low must be in [0, 1)"]),
     (["--model", "no/model", "--clip-eps-high", "-0.5"], ["--clip-eps-high must be >= 0"]),
+    (["--model", "no/model", "--clip-eps-high", "inf"], ["--clip-eps-high must be >= 0 (got inf)"]),
+    (["--model", "no/model", "--temperature", "nan"], ["--temperature must be > 0 (got nan)"]),
     (["--model", "no/model", "--micro-batch-size", "0"], ["--micro-batch-size must be >= 1"]),
     (["--model", "no/model", "--micro-batch-tokens", "0"], ["--micro-batch-tokens must be >= 1"]),
     (["--model", "no/model", "--max-resample", "3"], ["--max-resample", "--algo dapo"]),
