@@ -1061,7 +1061,7 @@ def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config, prefix:
     noise = torch.rand(len(prompts) * k, ecfg.max_new_tokens, generator=torch.Generator().manual_seed(cfg.seed + 1))
     lo, hi = rank * len(prompts) // world_size, (rank + 1) * len(prompts) // world_size
     chunk = max(1, cfg.prompts_per_step // world_size * cfg.group_size // k)  # problems per rollout, as training
-    parts = {key: [torch.zeros(0, device=policy_device(policy))] for key in ("greedy", "sampled", "H", "truncated")}
+    parts = {key: [torch.zeros(0, device=next(policy.parameters()).device)] for key in ("greedy", "sampled", "H", "truncated")}
     with full_weights(policy) as sampler:
         for i in tqdm(range(lo, hi, chunk), desc=f"eval {prefix or 'held-out'}", leave=False, disable=rank > 0):
             p, g = prompts[i:min(i + chunk, hi)], golds[i:min(i + chunk, hi)]
@@ -1078,10 +1078,6 @@ def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config, prefix:
                "eval_entropy": entropy.nanmean(), "eval_entropy_correct": entropy[correct].nanmean(),
                "eval_entropy_incorrect": entropy[~correct].nanmean()}  # NaN if a class is empty
     return {prefix + key: float(value) for key, value in metrics.items()}
-
-
-def policy_device(policy) -> torch.device:
-    return next(policy.parameters()).device
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -1199,7 +1195,7 @@ def parallelize(policy: Policy, cfg: Config):
         return policy
     for x in policy.state_dict().values():
         torch.distributed.broadcast(x, 0)
-    device = policy_device(policy)
+    device = next(policy.parameters()).device
     if not cfg.fsdp:
         return torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device] if device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
@@ -1320,6 +1316,9 @@ def resume_point(cfg: Config, world_size: int) -> dict | None:
     if not cfg.resume:
         return None
     resumed, rank = last_checkpoint(cfg.resume), rank_and_world_size()[0]
+    if (resumed["algo"], resumed["model"]) != (cfg.algo, cfg.model):
+        raise UserError(f"{resumed['path']} was written by --algo {resumed['algo']} --model {resumed['model']}, "
+                        f"but the run's config.json says --algo {cfg.algo} --model {cfg.model}: they are not one run")
     if resumed["world_size"] != world_size:
         raise UserError(f"{cfg.resume} ran on {resumed['world_size']} process(es): resume it on as many "
                         f"(torchrun --nproc_per_node {resumed['world_size']})")
@@ -1506,11 +1505,6 @@ def parse_args(argv=None) -> Config:
         name, k = "--" + changed[0].replace("_", "-"), changed[0]
         raise UserError(f"{name} {getattr(cfg, k)} differs from the run's {name} {saved.get(k)}: a resumed run "
                         "keeps its config; only --steps and --save-every may change")
-    checkpoint = last_checkpoint(cfg.resume)  # nothing to resume from: say so now
-    if (checkpoint["algo"], checkpoint["model"]) != (saved["algo"], saved["model"]):
-        raise UserError(f"{checkpoint['path']} was written by --algo {checkpoint['algo']} --model "
-                        f"{checkpoint['model']}, but the run's config.json says --algo {saved['algo']} --model "
-                        f"{saved['model']}: they are not one run")
     resumed = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
     resumed.resume = resumed.out = cfg.resume
     for k in given & set(RESUMABLE):
