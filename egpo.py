@@ -37,33 +37,30 @@ from tqdm.auto import tqdm  # tqdm ships with transformers and datasets
 # ==================================================================================================
 def flag(default, help, choices=None, check=None):
     """A Config field: default, one line of --help, and `choices` or a range `check` ('>= 1', '(0, 1]')."""
-    return field(default=default, metadata={"help": help, "choices": choices, "check": check})
-
+    return field(default=default, metadata={"help": help, "choices": choices and choices.split(), "check": check})
 
 @dataclass
 class Config:
-    """Every flag of `python egpo.py` (parse_args builds the command line from it). A default of None
-    is "auto", shown as [tiny / real models]: resolve() fills it in (AUTO)."""
+    """Every flag of `python egpo.py`. A default of None is "auto", shown as [tiny / real models] (resolve)."""
     # --- the run
     model: str = flag("tiny", "tiny (built here), an alias such as Qwen2.5-0.5B, a hub id or a local dir")
     dataset: str = flag(None, "toy | gsm8k | math500 | openr1 | a local file | NAME=PATH [toy / gsm8k]")
-    device: str = flag("auto", "cpu | cuda [cpu for tiny; cuda, if there is one]", ["auto", "cpu", "cuda"])
+    device: str = flag("auto", "cpu | cuda [cpu for tiny; cuda, if there is one]", "auto cpu cuda")
     seed: int = flag(0, "seed of the tiny model's init, the data and the sampling")
     out: str = flag(None, "folder of the run's files and checkpoint/ [runs/<time>-<algo>-<model>]")
     resume: str = flag(None, "continue the run in this folder from its last checkpoint")
     steps: int = flag(None, "RL steps; 0 = only the warm-up and an evaluation [100 / 200]", check=">= 0")
     # --- the algorithm: Table 1's baselines are --algo values, Table 2's ablations flags
-    algo: str = flag("egpo", "egpo | grpo | dapo | edge-grpo (Table 1)", ["egpo", "grpo", "dapo", "edge-grpo"])
+    algo: str = flag("egpo", "egpo | grpo | dapo | edge-grpo (Table 1)", "egpo grpo dapo edge-grpo")
     calibration: str = flag("asymmetric", "Eq. 8: asymmetric | symmetric (C1) | neg-only (C2) | pos-only (C3)",
-                            ["asymmetric", "symmetric", "neg-only", "pos-only"])
+                            "asymmetric symmetric neg-only pos-only")
     lambda_min: float = flag(0.8, "Eq. 8: lower clamp of the weight", check="(0, 1]")
     lambda_max: float = flag(2.0, "Eq. 8: upper clamp of the weight", check=">= 1")
-    nsr: str = flag("entropy", "all-wrong groups, Eq. 13: entropy | flat (C4) | off (as GRPO)",
-                    ["entropy", "flat", "off"])
+    nsr: str = flag("entropy", "all-wrong groups, Eq. 13: entropy | flat (C4) | off (as GRPO)", "entropy flat off")
     renorm: str = flag("none", "Eq. 9, w / mean(w): none | after-clamp (C5) | before-clamp (C6)",
-                       ["none", "after-clamp", "before-clamp"])
+                       "none after-clamp before-clamp")
     entropy_span: str = flag("response", "Eq. 5's tokens: response | answer (after </think>); under another "
-                                         "--algo: only the logged entropies", ["response", "answer"])
+                                         "--algo: only the logged entropies", "response answer")
     max_resample: int = flag(10, "dapo: sampling rounds at most to fill a batch with mixed groups", check=">= 1")
     # --- sampling
     prompts_per_step: int = flag(8, "B: prompts per RL step", check=">= 1")
@@ -77,10 +74,9 @@ class Config:
     lr: float = flag(None, "AdamW learning rate [1e-4 / 1e-6]", check="> 0")
     beta: float = flag(0.0, "weight of the k3 KL to the initial policy (0 = no reference model)", check=">= 0")
     clip_eps_low: float = flag(0.2, "PPO clip: ratio >= 1 - clip_eps_low (TRL: epsilon)", check="[0, 1)")
-    clip_eps_high: float = flag(None, "PPO clip: ratio <= 1 + clip_eps_high [0.28 for dapo, else 0.2]",
-                                check=">= 0")
+    clip_eps_high: float = flag(None, "PPO clip: ratio <= 1 + clip_eps_high [0.28 for dapo, else 0.2]", check=">= 0")
     loss_agg: str = flag("token-mean", "token-mean (TRL: dapo) | seq-mean-token-mean (TRL: grpo)",
-                         ["token-mean", "seq-mean-token-mean"])
+                         "token-mean seq-mean-token-mean")
     mu: int = flag(1, "optimizer steps on each sampled batch (PPO epochs)", check=">= 1")
     max_grad_norm: float = flag(1.0, "gradient-norm clipping (0 = no clipping)", check=">= 0")
     micro_batch_size: int = flag(None, "responses per forward and backward [by --micro-batch-tokens]", check=">= 1")
@@ -106,7 +102,6 @@ class Config:
     save_every: int = flag(None, "write checkpoint/ every N steps; 0 = at the end only [0 / 50]", check=">= 0")
     log_completions: bool = flag(False, "write every sampled response to completions.jsonl (TRL's name)")
 
-
 AUTO = {"steps": (100, 200), "max_new_tokens": (40, 512), "lr": (1e-4, 1e-6), "micro_batch_tokens": (None, 8192),
         "eval_every": (0, 50), "save_every": (0, 50), "eval_samples": (1, 8)}  # (tiny, real models)
 
@@ -114,17 +109,15 @@ AUTO = {"steps": (100, 200), "max_new_tokens": (40, 512), "lr": (1e-4, 1e-6), "m
 # --- Eq. 5: the entropy proxy ---------------------------------------------------------------------
 def sequence_entropy(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Eq. 5: H_i = -(1/|S_i|) sum_{t in S_i} log pi_old(o_t | q, o_<t), the mean NLL of the sampled
-    response, a Monte-Carlo estimate of the policy's entropy along it: free, from the sampler's
-    log-probs. `mask` marks S_i (the response, or its answer: answer_mask). Detached; NaN when
-    S_i is empty (the response then takes no part in its group's calibration)."""
+    response: free, from the sampler's log-probs. `mask` marks S_i (the response, or answer_mask's).
+    Detached; NaN when S_i is empty (the response then takes no part in its group's calibration)."""
     mask = mask.to(logprobs.dtype)
     n = mask.sum(-1)                                                                     # (N,)
     return torch.where(n > 0, -(logprobs.detach() * mask).sum(-1) / n.clamp(min=1), float("nan"))
 
-
 def answer_mask(response: torch.Tensor, mask: torch.Tensor, marker: list[int]) -> torch.Tensor:
-    """--entropy-span answer (RQ4, "Answer Entropy"): the response tokens after the last `marker`
-    (the token ids of '</think>'), or the whole response if it has none."""
+    """--entropy-span answer (RQ4): the response tokens after the last `marker` (the ids of '</think>'),
+    or the whole response if it has none."""
     k = len(marker)
     if k == 0 or response.shape[1] < k:
         return mask
@@ -142,15 +135,12 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
     r = rewards.float().view(-1, group_size)                                             # (B, G)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
-
 def confidence_ratio(entropy: torch.Tensor, group_size: int, eps_h: float = 1e-5) -> torch.Tensor:
-    """Eq. 7: w^_i = Hbar / (H_i + eps_H), Hbar the group's mean entropy proxy over its valid
-    responses; w^_i > 1: more confident than the group. A response without entropy (NaN) is left
-    out of Hbar and gets w^ = 1 (as in the authors' code)."""
+    """Eq. 7: w^_i = Hbar / (H_i + eps_H), Hbar the group's mean H over its valid responses; w^_i > 1:
+    more confident than the group. A response without H (NaN) is left out of Hbar, and w^ = 1."""
     h = entropy.float().view(-1, group_size)                                             # (B, G)
     w = h.nanmean(1, keepdim=True) / (h + eps_h)
     return torch.where(h.isnan(), 1.0, w).view(-1)
-
 
 def egpo_advantages(rewards: torch.Tensor, entropy: torch.Tensor, group_size: int, *,
                     calibration: str = "asymmetric", lambda_min: float = 0.8, lambda_max: float = 2.0,
@@ -195,14 +185,12 @@ def egpo_advantages(rewards: torch.Tensor, entropy: torch.Tensor, group_size: in
 
 # --- Eq. 12: the policy loss ----------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean") -> torch.Tensor:
-    """token-mean: over all unmasked tokens; seq-mean-token-mean: over each response's, then over
-    responses."""
+    """token-mean: over all unmasked tokens; seq-mean-token-mean: over each response's, then over responses."""
     if loss_agg == "token-mean":
         return (x * mask).sum() / mask.sum().clamp(min=1)
     if loss_agg == "seq-mean-token-mean":
         return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     raise ValueError(f"loss_agg must be token-mean or seq-mean-token-mean, not {loss_agg!r}")
-
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps_low=0.2, clip_eps_high=0.2,
                 ref_logprobs=None, beta=0.0, loss_agg="token-mean"):
@@ -230,10 +218,9 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps_low=0.2, c
 # --- Algorithm 1: one RL step ---------------------------------------------------------------------
 def sample_batch(policy, tokenizer, draw, cfg: Config) -> dict:
     """G responses to each prompt that draw() returns (with golds and sampling noise), verified.
-    --algo dapo adds dynamic sampling: uniform groups (no GRPO signal) are dropped and more prompts
-    drawn until the batch is full of mixed groups, at most --max-resample rounds (none mixed by
-    then: the last round is kept). Under torchrun every process draws as many rounds and tops a
-    short batch up with uniform groups (advantage 0), so that all hold as many rows."""
+    --algo dapo adds dynamic sampling: uniform groups are dropped and more prompts drawn until the
+    batch is full of mixed groups, at most --max-resample rounds (none mixed: the last round is kept).
+    Under torchrun each process draws as many rounds, and tops a short batch up with uniform groups."""
     t0, G = time.perf_counter(), cfg.group_size
     parts, keep, n_mixed, b = [], [], 0, 0
     with full_weights(policy) as sampler:
@@ -254,7 +241,6 @@ def sample_batch(policy, tokenizer, draw, cfg: Config) -> dict:
     if cfg.algo == "dapo" and n_mixed:
         batch = cat_rollouts(parts, keep, tokenizer.pad_token_id)
     return {**batch, "time_sample": time.perf_counter() - t0, "groups_sampled": len(parts) * b}
-
 
 def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
     """The rest of Algorithm 1 on a sampled batch: Eq. 5, the advantages, then `mu` PPO-clip
@@ -299,16 +285,14 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
         optimizer.step()
     return step_metrics(batch, entropy, adv, adv_tilde, logs, time.perf_counter() - t0, cfg)
 
-
 def loss_weights(mask: torch.Tensor, chunks: list[slice], cfg: Config) -> tuple[list[float], list[float]]:
-    """Each micro-batch's loss weight, its share of the tokens (token-mean) or responses of the
-    batch over all processes, times the number of processes (DDP and FSDP average gradients): the
-    accumulated gradient is the whole batch's on one process or N. And its share of the tokens."""
+    """Each micro-batch's loss weight: its share of the tokens (token-mean) or responses of the batch
+    over all processes, times their number (DDP and FSDP average gradients), so that the accumulated
+    gradient is the whole batch's on one process or N. And its share of the tokens."""
     tokens = [float(mask[s].sum()) for s in chunks]
     rows = [float(s.stop - s.start) for s in chunks] if cfg.loss_agg == "seq-mean-token-mean" else tokens
     total_rows, total_tokens = (float(all_reduce(sum(x), mask.device)) for x in (rows, tokens))
     return [x * rank_and_world_size()[1] / total_rows for x in rows], [x / total_tokens for x in tokens]
-
 
 def micro_batches(n: int, width: int, cfg: Config) -> list[slice]:
     """Row slices of --micro-batch-size rows, else of --micro-batch-tokens tokens (rows x `width`,
@@ -316,11 +300,9 @@ def micro_batches(n: int, width: int, cfg: Config) -> list[slice]:
     size = cfg.micro_batch_size or (max(1, cfg.micro_batch_tokens // width) if cfg.micro_batch_tokens else n)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
-
 @torch.no_grad()
 def frozen_logprobs(policy, input_ids, attention_mask, n_response: int, cfg: Config):
-    """token_logprobs without gradients, in the update's micro-batches: the old policy's (--mu > 1)
-    and the reference model's."""
+    """token_logprobs without gradients, in the update's micro-batches: pi_old's (--mu > 1), the reference's."""
     chunks = micro_batches(len(input_ids), int(all_reduce(input_ids.shape[1], input_ids.device, "max")), cfg)
     return torch.cat([token_logprobs(policy, input_ids[s], attention_mask[s], n_response, cfg.temperature, cfg.bf16)
                       for s in chunks])                                                  # (N, L)
@@ -329,15 +311,12 @@ def frozen_logprobs(policy, input_ids, attention_mask, n_response: int, cfg: Con
 # --- the sampler and its log-probs ----------------------------------------------------------------
 LOGIT_CHUNK = 1024  # positions whose fp32 logits exist at once: 1024 x 151,936 vocab x 4 B = 0.6 GB
 
-
 class Policy(torch.nn.Module):
-    """The causal LM `lm` behind the one forward that DDP and FSDP wrap. It runs the LM's body,
-    then its output layer in fp32 (bf16 logits would put up to 0.06 nats of error into a log-prob)
-    on the positions needed only, never on the whole (N, L, vocabulary):
-    - targets (N, L) given: log pi(target) at the last L positions, flat, from logits / temperature
-      computed LOGIT_CHUNK positions at a time, each chunk recomputed in the backward pass;
-    - else: the last position's logits / temperature and the KV cache to continue from (sample).
-    The output layer must be a plain linear map, as in Qwen, Llama, Mistral and most LMs."""
+    """The causal LM `lm` behind the one forward that DDP and FSDP wrap: the LM's body, then its
+    output layer in fp32 on the positions needed only, never the whole (N, L, vocabulary):
+    - targets (N, L) given: log pi(target) at the last L positions, flat, from logits / temperature,
+      LOGIT_CHUNK positions at a time, each chunk recomputed in the backward pass;
+    - else: the last position's logits / temperature and the KV cache to continue from (sample)."""
 
     def __init__(self, lm):
         super().__init__()
@@ -360,30 +339,26 @@ class Policy(torch.nn.Module):
                          if recompute else chunk_logprobs(*chunk))
         return torch.cat(parts)  # (N*L,): flat, as a view for an output would trip FSDP's backward hook
 
-
-def fp32_logits(hidden, head, temperature: float):
+def fp32_logits(hidden, head, temperature: float):  # bf16 logits put up to 0.06 nats of error into a log-prob
     with torch.autocast(hidden.device.type, enabled=False):
         return (hidden.float() / temperature) @ head.float().T                           # (n, V)
-
 
 def chunk_logprobs(hidden, head, targets, temperature: float):
     logits = fp32_logits(hidden, head, temperature)                                      # (n, V)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)        # (n,)
 
-
 def token_logprobs(policy, input_ids, attention_mask, n_response: int, temperature: float, bf16: bool = False):
-    """log pi(o_t | q, o_<t) of the last `n_response` tokens, from the raw logits / temperature
-    (never top-p-filtered ones): the update's forward, and the sampler's numbers recomputed."""
+    """log pi(o_t | q, o_<t) of the last `n_response` tokens, from the raw logits / temperature (never
+    top-p-filtered ones): the update's forward, and the sampler's numbers recomputed."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() for left padding
     targets = input_ids[:, -n_response:]
     with autocast(input_ids.device, bf16):
         return policy(input_ids, attention_mask, position_ids, temperature, targets=targets).view(targets.shape)
 
-
 def pick(probs: torch.Tensor, u: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """Inverse-CDF sampling: in each row, the first token at which the cumulative probability
-    passes u * (the kept mass), u uniform in [0, 1). top_k > 0 keeps the k likeliest tokens, then
-    top_p < 1 the likeliest ones whose mass before them is < top_p (transformers' order and rules)."""
+    """Inverse-CDF sampling: in each row, the first token at which the cumulative probability passes
+    u * (the kept mass), u uniform in [0, 1). top_k > 0 keeps the k likeliest tokens, then top_p < 1
+    the likeliest ones whose mass before them is < top_p (transformers' order and rules)."""
     order = None
     if top_k > 0 or top_p < 1:  # the k (or all) likeliest tokens, in decreasing order
         k = min(top_k, probs.shape[-1]) if top_k > 0 else probs.shape[-1]
@@ -394,19 +369,15 @@ def pick(probs: torch.Tensor, u: torch.Tensor, top_p: float = 1.0, top_k: int = 
     index = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=probs.shape[-1] - 1)
     return (index if order is None else order.gather(-1, index)).squeeze(-1)             # (N,)
 
-
 @torch.no_grad()
 def sample(policy, input_ids, attention_mask, stop_ids: list[int], pad_id: int, max_new_tokens: int, *,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, noise=None, bf16: bool = False):
-    """Algorithm 1's sampler: one forward over the left-padded prompts (prefill), then one token
-    per forward from the KV cache. noise None: greedy; else noise[:, t] (uniforms in [0, 1))
-    picks token t by `pick` from softmax(logits / temperature), so a row's sample depends on its
-    own noise only: one process or N sample the same. A row stops at its first token of
-    `stop_ids` (pad_id after it); the loop ends when all have. Returns, each (N, L):
-    - the sampled tokens;
-    - their log-probs under softmax(logits / temperature), the numbers token_logprobs recomputes
-      (the paper: they "are already computed during rollout generation");
-    - the full distribution's entropy -sum_v p_v log p_v at each token (EDGE-GRPO)."""
+    """Algorithm 1's sampler: one forward over the left-padded prompts (prefill), then one token per
+    forward from the KV cache. noise None: greedy; else noise[:, t] (uniforms) picks token t by `pick`
+    from softmax(logits / temperature): a row's sample depends on its own noise only, so one process
+    or N sample the same. A row stops at its first token of `stop_ids` (pad_id after it). Returns
+    (N, L) each: the tokens, their log-probs under softmax(logits / temperature) (the paper: "already
+    computed during rollout generation"), and the full distribution's entropy (EDGE-GRPO)."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     stop = torch.tensor(stop_ids, device=input_ids.device)
     done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
@@ -428,15 +399,14 @@ def sample(policy, input_ids, attention_mask, stop_ids: list[int], pad_id: int, 
         attention_mask = torch.cat([attention_mask, torch.ones_like(x)], 1)
     return torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(entropies, 1)
 
-
 @torch.no_grad()
 def rollout(policy, tokenizer, prompts: list[list[int]], golds: list[str], n: int, cfg: Config,
             greedy: bool = False, noise=None) -> dict:
     """`n` responses to each prompt, verified: rows k*n .. k*n+n-1 answer prompt k. `noise`
     (P*n, --max-new-tokens) drives the sampling (drawn here if not given). Returns input_ids
     (prompt + response), attention_mask, response_mask (up to and including the stop token),
-    entropy_mask (Eq. 5's S_i), truncated (no stop token within --max-new-tokens), the sampler's
-    logprobs and token_entropy, rewards, texts and prompts (as text)."""
+    entropy_mask (Eq. 5's S_i), truncated (no stop token), the sampler's logprobs and
+    token_entropy, rewards, texts and prompts (as text)."""
     device = next(policy.parameters()).device
     batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(device)
     ids, attn = batch["input_ids"].repeat_interleave(n, 0), batch["attention_mask"].repeat_interleave(n, 0)
@@ -462,33 +432,27 @@ def rollout(policy, tokenizer, prompts: list[list[int]], golds: list[str], n: in
             "logprobs": logprobs, "token_entropy": token_entropy, "rewards": rewards, "texts": texts,
             "prompts": [p for p in tokenizer.batch_decode(prompts, skip_special_tokens=True) for _ in range(n)]}
 
-
 def eos_mask(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """True for each response token up to and including the first stop token (the model's decision
-    to stop is trained on), False for the padding after it; a truncated response is kept whole."""
+    """True for each response token up to and including the first stop token (the decision to stop is
+    trained on), False for the padding after it; a truncated response is kept whole."""
     is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device)).long()
     return (is_eos.cumsum(1) - is_eos) == 0
-
 
 def cat_rollouts(parts: list[dict], keep: list[torch.Tensor], pad_id: int) -> dict:
     """The rows keep[k] (a bool per row) of each rollout parts[k], stacked into one, prompts
     left-padded and responses right-padded to the widest (DAPO's dynamic sampling)."""
     n_resp = [part["response_mask"].shape[1] for part in parts]
     n_prompt = [part["input_ids"].shape[1] - n for part, n in zip(parts, n_resp)]
-    P, L = max(n_prompt), max(n_resp)
-
-    def stack(key, value):
+    out = {}
+    for key, value in [("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0), ("entropy_mask", 0),
+                       ("logprobs", 0.0), ("token_entropy", 0.0)]:
         rows = []
         for part, k, p, n in zip(parts, keep, n_prompt, n_resp):
             x = part[key][k]
-            left = P - p if x.shape[1] > n else 0  # input_ids and attention_mask hold the prompt too
+            left = max(n_prompt) - p if x.shape[1] > n else 0  # input_ids and attention_mask hold the prompt too
             x = x if x.is_floating_point() else x.long()  # pad() takes no bool
-            rows.append(torch.nn.functional.pad(x, (left, L - n), value=value).to(part[key].dtype))
-        return torch.cat(rows)
-
-    out = {key: stack(key, value) for key, value in
-           [("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0), ("entropy_mask", 0),
-            ("logprobs", 0.0), ("token_entropy", 0.0)]}
+            rows.append(torch.nn.functional.pad(x, (left, max(n_resp) - n), value=value).to(part[key].dtype))
+        out[key] = torch.cat(rows)
     for key in ("rewards", "truncated"):
         out[key] = torch.cat([part[key][k] for part, k in zip(parts, keep)])
     for key in ("texts", "prompts"):
@@ -595,7 +559,6 @@ day days week weeks month months year years dollar dollars cent cents unit units
 inches ft foot feet yd yard yards mile miles mph kph degree degrees ml l liter liters litre litres gallon gallons
 sq square cubic per""".split())
 
-
 def _brace_pairs(s: str) -> dict[int, int]:
     """{index of each '{': index of its matching '}'}, in one pass; unmatched braces left out."""
     pairs, opened = {}, []
@@ -606,7 +569,6 @@ def _brace_pairs(s: str) -> dict[int, int]:
             pairs[opened.pop()] = i
     return pairs
 
-
 def extract_answer(text: str) -> str | None:
     """The last non-empty \\boxed{...} (nested braces allowed; \\fbox too), else the text after the
     last '####' to the end of its line, else None."""
@@ -615,21 +577,17 @@ def extract_answer(text: str) -> str | None:
     boxes = list(_BOXED.finditer(text))
     pairs = _brace_pairs(text) if boxes else {}
     for match in reversed(boxes):
-        start = match.end()
-        if text[start:start + 1] == "{":  # an unbalanced box gives '' and is skipped, like an empty one
-            answer = text[start + 1:pairs.get(start, start)].strip()
-        else:  # \boxed 5
-            answer = _TOKEN.match(text, start).group()
+        start = match.end()  # an unbalanced box gives '' and is skipped, like an empty one
+        braced = text[start:start + 1] == "{"
+        answer = text[start + 1:pairs.get(start, start)].strip() if braced else _TOKEN.match(text, start).group()
         if answer:
             return answer
     return (text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip() or None) if "####" in text else None
 
-
 def verify(completion: str, gold: str) -> float:
-    """1.0 iff the completion's final answer equals `gold` mathematically: integers exactly,
-    decimals and fractions to a 1e-6 relative tolerance, else as normalised strings
-    (case-insensitive). A gold of one capital letter A-J is a multiple-choice option: the answer
-    must name that option alone. Never raises."""
+    """1.0 iff the completion's final answer equals `gold` mathematically: integers exactly, decimals
+    and fractions to a 1e-6 relative tolerance, else as normalised strings (case-insensitive). A gold
+    of one capital letter A-J is a multiple-choice option, which the answer must name alone. Never raises."""
     answer, gold = extract_answer(completion), gold if isinstance(gold, str) else str(gold)
     if re.fullmatch(r"[A-J]", gold.strip()):  # multiple choice (MMLU-STEM): B, (B), B) 42, or 'ANSWER: B'
         if answer is None and isinstance(completion, str):
@@ -650,7 +608,6 @@ def verify(completion: str, gold: str) -> float:
     if isinstance(x, int) and isinstance(y, int):
         return float(x == y)
     return float(abs(x - y) <= 1e-6 * max(abs(x), abs(y)))
-
 
 def _normalize(s: str) -> str:
     """Strip what does not change an answer's value: outer braces, $, LaTeX spacing and text wrappers,
@@ -676,19 +633,12 @@ def _normalize(s: str) -> str:
         rest = rest[:m.start()].rstrip()
     return rest if rest != s and _to_number(rest) is not None else s
 
-
 def _unwrap(s: str) -> str:
     """'\\text{\\textbf{5} cm}' -> '5 cm': every text wrapper, nested ones too, in one pass."""
     starts = list(_WRAPPER.finditer(s))
     pairs = _brace_pairs(s) if starts else {}
-    cuts = sorted(cut for m in starts if m.end() in pairs
-                  for cut in ((m.start(), m.end() + 1), (pairs[m.end()], pairs[m.end()] + 1)))
-    kept, i = [], 0
-    for a, b in cuts:
-        kept.append(s[i:a])
-        i = b
-    return "".join(kept) + s[i:]
-
+    cut = {i for m in starts if m.end() in pairs for i in (*range(m.start(), m.end() + 1), pairs[m.end()])}
+    return "".join(c for i, c in enumerate(s) if i not in cut)
 
 def _strip_thousands(s: str) -> str:
     """'1,234,567' -> '1234567' if every comma sits in such a number ('45,135^\\circ' is a list)."""
@@ -696,7 +646,6 @@ def _strip_thousands(s: str) -> str:
     if not numbers or s.count(",") != sum(n.count(",") for n in numbers):
         return s
     return _THOUSANDS.sub(lambda m: m.group().replace(",", ""), s)
-
 
 def _to_number(s: str) -> int | float | None:
     """An int (compared exactly); a decimal, a/b, \\frac{a}{b}, \\frac13 or 3\\frac{1}{2} as a float; signed; else None."""
@@ -727,7 +676,6 @@ def toy_problem(a: int, b: int) -> dict:
         carry = (dx + dy + carry) // 10
     return {"question": f"{a}+{b}=", "answer": str(a + b), "solution": f"{','.join(steps)} #### {a + b}"}
 
-
 def make_toy_task(digits: int, n_test: int, seed: int, n_max: int = 20_000) -> tuple[list, list]:
     """Seeded, disjoint train and test splits of `digits`-digit additions."""
     lo, width = 10 ** (digits - 1), 9 * 10 ** (digits - 1)
@@ -735,10 +683,8 @@ def make_toy_task(digits: int, n_test: int, seed: int, n_max: int = 20_000) -> t
     rows = [toy_problem(lo + i // width, lo + i % width) for i in picks]
     return rows[n_test:], rows[:n_test]
 
-
 def _text(x) -> str:
     return "" if x is None else str(x)  # a missing cell (JSON null, empty) is no text
-
 
 def _question_answer_row(r: dict) -> dict:
     """A local file's row, or GSM8K's, whose answer may be a worked solution ending in '#### 72'."""
@@ -746,7 +692,6 @@ def _question_answer_row(r: dict) -> dict:
     if "####" in answer:
         return {"question": question, "answer": extract_answer(answer) or "", "solution": answer}
     return {"question": question, "answer": answer}
-
 
 def _mmlu_row(r: dict) -> dict | None:
     """The options under the question, the letter as gold; anatomy left out (evalscope's 18 subjects)."""
@@ -756,7 +701,6 @@ def _mmlu_row(r: dict) -> dict | None:
     return {"question": f"{r['question']}\n\n{options}\n\nAnswer with the letter of the correct option.",
             "answer": string.ascii_uppercase[int(r["answer"])]}
 
-
 def _openr1_row(r: dict) -> dict | None:
     """Left out: proofs, placeholders ('proof', 'notfound') and answers the verifier cannot match."""
     answer = _text(r["answer"]).strip()
@@ -765,10 +709,8 @@ def _openr1_row(r: dict) -> dict | None:
         return None
     return {"question": _text(r["problem"]), "answer": answer}
 
-
 def _problem_row(r: dict) -> dict:
     return {"question": _text(r["problem"]), "answer": _text(r["answer"])}
-
 
 # The hub datasets: id, config, split, the columns used, and how a row becomes {question, answer[,
 # solution]} (None: left out). Ids, splits and columns are those of the dataset cards (README).
@@ -781,7 +723,6 @@ DATASETS = {
     "mmlu-stem": ("TIGER-Lab/MMLU-STEM", None, "test", "question choices answer", _mmlu_row),
     "openr1": ("open-r1/OpenR1-Math-220k", "default", "train", "problem answer", _openr1_row),
 }
-
 
 def read_dataset(spec: str, split: str | None = None) -> list[dict]:
     """Rows {question, answer[, solution]} of a DATASETS name (the hub, or NAME=PATH: a local copy in
@@ -798,37 +739,32 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
         raise UserError(f"{spec}: unknown dataset {name!r}; NAME=PATH takes one of {', '.join(DATASETS)}")
     hub_id, config, hub_split, columns, to_row = DATASETS.get(name, (None, None, None, "question answer",
                                                                      _question_answer_row))
-    path = path or (None if name in DATASETS else name)
-    if path:
-        ext = os.path.splitext(path)[1].lower()
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
-        if not builder:
-            raise UserError(f"{spec!r} is not a dataset ({', '.join(DATASETS)}) nor a .jsonl/.json/.parquet/.csv file")
-        if not os.path.isfile(path):
-            raise UserError(f"dataset file {path} does not exist")
-        as_text = {"converters": {c: str for c in columns.split()}, "keep_default_na": False} if builder == "csv" else {}
-        try:  # a CSV's cells are read as the text written in them: '4' stays '4', an empty cell is ''
-            table = datasets.load_dataset(builder, data_files=path, split="train", **as_text)
-        except Exception as e:
-            raise UserError(f"could not read {path} as {ext[1:]}: {str(e.__cause__ or e).strip().splitlines()[0][:200]}") \
-                from None
-    else:
+    path, columns = path or (None if name in DATASETS else name), columns.split()
+    ext = os.path.splitext(path or "")[1].lower()
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
+    if path and not builder:
+        raise UserError(f"{spec!r} is not a dataset ({', '.join(DATASETS)}) nor a .jsonl/.json/.parquet/.csv file")
+    if path and not os.path.isfile(path):
+        raise UserError(f"dataset file {path} does not exist")
+    if not path:
         print(f"loading {hub_id} ({split or hub_split}) from the hub or its local cache ...")
-        try:
-            table = datasets.load_dataset(hub_id, config, split=split or hub_split)
-        except Exception as e:
-            raise UserError(f"could not load {hub_id} from the hub ({type(e).__name__}); with no network, pass a "
-                            f"local copy as {name}=FILE (its schema) or a file with question, answer columns") from None
-    missing = [c for c in columns.split() if c not in table.column_names]
+    try:  # a CSV's cells are read as the text written in them: '4' stays '4', an empty cell is ''
+        as_text = {"converters": {c: str for c in columns}, "keep_default_na": False} if builder == "csv" else {}
+        table = datasets.load_dataset(builder, data_files=path, split="train", **as_text) if path else \
+            datasets.load_dataset(hub_id, config, split=split or hub_split)
+    except Exception as e:
+        raise UserError(f"could not read {path} as {ext[1:]}: {str(e.__cause__ or e).strip().splitlines()[0][:200]}"
+                        if path else f"could not load {hub_id} from the hub ({type(e).__name__}); with no network, "
+                        f"pass a local copy as {name}=FILE (its schema) or a file with question, answer columns") from None
+    missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise UserError(f"{path or hub_id} has columns {table.column_names}; {name if path != name else 'a file'} "
-                        f"needs {' and '.join(repr(c) for c in columns.split())} (missing: {', '.join(missing)})")
+                        f"needs {' and '.join(repr(c) for c in columns)} (missing: {', '.join(missing)})")
     rows = {}
     for row in map(to_row, table):
         if row and row["question"] and row["answer"]:
             rows.setdefault(row["question"], row)  # the first of duplicate questions
     return list(rows.values())
-
 
 def build_prompts(tokenizer, questions: list[str], dataset: str, thinking: bool = False) -> list[list[int]]:
     """Each question's prompt, tokenized in one batch: the chat template when the tokenizer has one
@@ -843,10 +779,8 @@ def build_prompts(tokenizer, questions: list[str], dataset: str, thinking: bool 
         questions = [f"Question: {q}\n{instruction}\nAnswer:" for q in questions]
     return tokenizer(questions, verbose=False)["input_ids"] if questions else []
 
-
 def build_prompt(tokenizer, question: str, dataset: str, thinking: bool = False) -> list[int]:
     return build_prompts(tokenizer, [question], dataset, thinking)[0]
-
 
 def load_data(cfg: Config, tokenizer, policy) -> tuple[list, list, dict]:
     """(training rows, their prompts, the evaluation sets): GSM8K's own splits, any other dataset
@@ -881,7 +815,6 @@ def load_data(cfg: Config, tokenizer, policy) -> tuple[list, list, dict]:
                             f"context of {limit}: use shorter questions or lower {name}")
     return rows, prompts, evals
 
-
 def eval_sets(cfg: Config, tokenizer, held_out: list) -> dict:
     """{key prefix: (prompts, golds)}: the held-out split ('', the training set's format), or each of
     --eval-datasets in its own format ('NAME/': its name, the NAME of NAME=PATH, or a file's stem)."""
@@ -894,8 +827,6 @@ def eval_sets(cfg: Config, tokenizer, held_out: list) -> dict:
         sets[name + "/"] = (spec, read_dataset(spec))
     return {prefix: (build_prompts(tokenizer, [r["question"] for r in rows], dataset, cfg.thinking),
                      [r["answer"] for r in rows]) for prefix, (dataset, rows) in sets.items()}
-
-
 # --- models ---------------------------------------------------------------------------------------
 TINY_VOCAB = ["<pad>", "<eos>", "<unk>"] + [c for c in string.printable if c not in "\t\r\x0b\x0c"]
 TINY_CONFIG = dict(vocab_size=len(TINY_VOCAB), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -905,10 +836,8 @@ ALIASES = {name: "Qwen/" + name for name in """Qwen2.5-0.5B Qwen2.5-0.5B-Instruc
 Qwen2.5-3B Qwen2.5-3B-Instruct Qwen2.5-7B Qwen2.5-7B-Instruct Qwen2.5-Math-1.5B Qwen2.5-Math-7B
 Qwen2.5-Math-1.5B-Instruct Qwen2.5-Math-7B-Instruct Qwen3-0.6B Qwen3-1.7B Qwen3-4B""".split()}
 
-
 def build_tiny_model(seed: int):
-    """A 0.14M-parameter Qwen2ForCausalLM (random init) and a character tokenizer, built here:
-    hidden 64, intermediate 256, 2 layers, 4 heads, tied embeddings, context 256."""
+    """A 0.14M-parameter Qwen2ForCausalLM (random init, TINY_CONFIG) and a character tokenizer, built here."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -919,7 +848,6 @@ def build_tiny_model(seed: int):
                                         unk_token="<unk>", model_max_length=256)
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG, bos_token_id=None)), tokenizer
-
 
 def is_tiny(model: str) -> bool:
     """'tiny', or a checkpoint of it: a folder whose config and tokenizer are build_tiny_model's."""
@@ -933,11 +861,9 @@ def is_tiny(model: str) -> bool:
     return vocab == {t: i for i, t in enumerate(TINY_VOCAB)} and config.get("model_type") == "qwen2" and \
         all(config.get(k) == v for k, v in TINY_CONFIG.items())
 
-
 def load_policy(cfg: Config, device: torch.device, path: str | None = None):
-    """(Policy(model), tokenizer) of --model (or the folder `path`) on `device`: fp32 weights, left
-    padding, and only token ids in the generation config: eos, and the chat template's end of
-    turn (base models often have another eos, and write on past it)."""
+    """(Policy(model), tokenizer) of --model (or the folder `path`) on `device`: fp32 weights, left padding,
+    and as stop tokens eos and the chat template's end of turn (a base model may write on past its eos)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if cfg.model == "tiny" and path is None:
@@ -964,7 +890,6 @@ def load_policy(cfg: Config, device: torch.device, path: str | None = None):
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return Policy(model).to(device), tokenizer
 
-
 def end_of_turn_id(tokenizer) -> int | None:
     """The special token that closes an assistant turn (Qwen's <|im_end|>, Llama 3's <|eot_id|>)."""
     marker = "EGPO-END-OF-ANSWER"
@@ -977,7 +902,6 @@ def end_of_turn_id(tokenizer) -> int | None:
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     return after[0] if after and after[0] in special else None
 
-
 def reference_model(policy, tokenizer, cfg: Config, device, resumed: dict | None):
     """The frozen initial policy of the KL term, saved once in the run folder for a resumed run."""
     path = os.path.join(cfg.out, "reference")
@@ -986,7 +910,6 @@ def reference_model(policy, tokenizer, cfg: Config, device, resumed: dict | None
         ref.lm.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return ref.eval().requires_grad_(False)
-
 
 def kv_cache(config):
     """transformers' DynamicCache with the keys in the values' dtype: under bf16 autocast the rotary
@@ -998,11 +921,9 @@ def kv_cache(config):
     cache.update = lambda keys, values, *args, **kwargs: update(keys.to(values.dtype), values, *args, **kwargs)
     return cache
 
-
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast over fp32 weights on CUDA (TRL's bf16=True): a 1e-6 update is below bf16's resolution."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else contextlib.nullcontext()
-
 
 def context_length(model, tokenizer) -> int:
     n = getattr(model.config, "max_position_embeddings", None)
@@ -1011,10 +932,9 @@ def context_length(model, tokenizer) -> int:
 
 # --- the warm-up, the evaluation and the step metrics ---------------------------------------------
 def sft_warmup(policy: Policy, tokenizer, rows: list, prompts: list, cfg: Config, rng: random.Random) -> int:
-    """Supervised warm-up on worked solutions (prompts masked), so that RL starts from a model that
-    gets some answers right. It stops once greedy accuracy on 64 training problems reaches
-    --sft-target (checked every 10 steps): the toy task is learnt in a sharp step, where a target
-    lands at the same accuracy on any CPU and a step count does not. Returns the steps taken."""
+    """Supervised warm-up on worked solutions (prompts masked), so that RL starts from a model that gets
+    some answers right, until greedy accuracy on 64 training problems reaches --sft-target (checked every
+    10 steps; docs/design.md says why a target). Returns the steps taken."""
     device, optimizer = policy.lm.device, torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr)
     check = rng.sample(range(len(rows)), min(64, len(rows)))
     policy.train()
@@ -1041,19 +961,15 @@ def sft_warmup(policy: Policy, tokenizer, rows: list, prompts: list, cfg: Config
                 return step
     return cfg.sft_steps
 
-
 def pad_right(rows: list[list[int]], value: int, device) -> torch.Tensor:
     width = max(map(len, rows))
     return torch.tensor([row + [value] * (width - len(row)) for row in rows], device=device)
 
-
 @torch.no_grad()
 def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config, prefix: str = "") -> dict:
-    """The paper's protocol (Section 4.1): a greedy answer and k = --eval-samples sampled ones per
-    problem. Returns (keys prefixed by `prefix`) greedy accuracy, mean pass@1 with its standard
-    error, the share cut off, and on the samples the AUROC of -H and the mean H of all, right and
-    wrong answers (Section 4.4). Its noise is seeded by --seed (every evaluation sees the same).
-    Under torchrun each process takes a share of the problems."""
+    """The paper's protocol (Section 4.1): a greedy answer and k = --eval-samples sampled ones per problem
+    (noise seeded by --seed). Returns, keys prefixed by `prefix`: greedy accuracy, pass@1 with its standard
+    error, the share cut off, and on the samples the AUROC of -H and mean H, all, right, wrong (Section 4.4)."""
     rank, world_size = rank_and_world_size()
     k = cfg.eval_samples
     ecfg = dataclasses.replace(cfg, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=cfg.eval_top_k,
@@ -1079,7 +995,6 @@ def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config, prefix:
                "eval_entropy_incorrect": entropy[~correct].nanmean()}  # NaN if a class is empty
     return {prefix + key: float(value) for key, value in metrics.items()}
 
-
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """P(a random positive scores above a random negative), ties 1/2 (Mann-Whitney U); NaN if a class is absent."""
     pos = labels > 0
@@ -1089,7 +1004,6 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     _, inverse, counts = scores.double().unique(return_inverse=True, return_counts=True)
     rank = (counts.cumsum(0) - (counts - 1) / 2)[inverse]  # 1-based ranks, ties given their mean rank
     return ((rank[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
-
 
 def calibration_metrics(rewards, entropy, adv, adv_tilde, group_size: int) -> dict:
     """Accuracy, H by correctness, w = A~ / A in mixed groups, NSR's mean A~, the group kinds, the
@@ -1114,7 +1028,6 @@ def calibration_metrics(rewards, entropy, adv, adv_tilde, group_size: int) -> di
         "exploratory_wrong": int((~confident & ~correct & valid).sum()),
         "auroc_confidence": auroc(-entropy[valid], rewards[valid]),
     }
-
 
 def step_metrics(batch: dict, entropy, adv, adv_tilde, logs: dict, time_update: float, cfg: Config) -> dict:
     """A step's metrics over all processes; with --log-completions, every response with r, H, A, A~."""
@@ -1143,14 +1056,12 @@ def rank_and_world_size() -> tuple[int, int]:
     dist = torch.distributed
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-
 def all_reduce(x, device, op: str = "sum") -> torch.Tensor:
     """x summed (or its max) over the processes, as a float64 tensor; x itself with one process."""
     x = torch.as_tensor(x, dtype=torch.float64, device=device)
     if rank_and_world_size()[1] > 1:
         torch.distributed.all_reduce(x, op=getattr(torch.distributed.ReduceOp, op.upper()))
     return x
-
 
 def all_gather_objects(rows: list) -> list:
     """The lists of all processes, concatenated, rank 0's first: what one process would hold."""
@@ -1160,14 +1071,12 @@ def all_gather_objects(rows: list) -> list:
     torch.distributed.all_gather_object(parts, rows)
     return [row for part in parts for row in part]
 
-
 def all_gather(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Each tensor concatenated over the processes, rank 0's rows first."""
     if rank_and_world_size()[1] == 1:
         return list(tensors)
     parts = all_gather_objects([[x.cpu() for x in tensors]])
     return [torch.cat(xs).to(x.device) for xs, x in zip(zip(*parts), tensors)]
-
 
 def init_distributed(cfg: Config) -> torch.device:
     """Under torchrun: join the process group, a GPU per process (NCCL) or CPU processes (gloo)."""
@@ -1187,7 +1096,6 @@ def init_distributed(cfg: Config) -> torch.device:
                                          timeout=datetime.timedelta(hours=1))  # checkpoint while the others wait
     return device
 
-
 def parallelize(policy: Policy, cfg: Config):
     """Under torchrun: rank 0's weights everywhere, then DDP (a copy per process) or, with --fsdp,
     FSDP2 (weights, gradients and AdamW's state sharded; a decoder layer gathered while it runs)."""
@@ -1205,10 +1113,8 @@ def parallelize(policy: Policy, cfg: Config):
             fully_shard(module)
     return fully_shard(policy)
 
-
 def unwrap(policy) -> Policy:
     return policy.module if isinstance(policy, torch.nn.parallel.DistributedDataParallel) else policy
-
 
 @contextlib.contextmanager
 def gradient_sync(policy, sync: bool):
@@ -1221,7 +1127,6 @@ def gradient_sync(policy, sync: bool):
     ddp = isinstance(policy, torch.nn.parallel.DistributedDataParallel)
     with policy.no_sync() if ddp and not sync else contextlib.nullcontext():
         yield
-
 
 @contextlib.contextmanager
 def full_weights(policy):
@@ -1250,7 +1155,6 @@ def generator_states(rng: random.Random, noise_rng: torch.Generator, device) -> 
     """Every random generator a run draws from: Python's (the prompts), the noise's, torch's."""
     return {"python": rng.getstate(), "noise": noise_rng.get_state(), "torch": torch.get_rng_state(),
             **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
-
 
 def save_checkpoint(policy, tokenizer, optimizer, generators: dict, summary: dict, cfg: Config):
     """checkpoint/: model and tokenizer (save_pretrained), AdamW's state (optimizer.pt, or each
@@ -1291,7 +1195,6 @@ def save_checkpoint(policy, tokenizer, optimizer, generators: dict, summary: dic
         shutil.rmtree(old, ignore_errors=True)
     barrier()
 
-
 def last_checkpoint(run: str) -> dict:
     """trainer_state.json of the checkpoint to resume from, with its 'path': checkpoint/, or after
     a kill between save_checkpoint's renames checkpoint.old/ (never checkpoint.new/)."""
@@ -1306,7 +1209,6 @@ def last_checkpoint(run: str) -> dict:
                                 f"or a write cut off): nothing to resume; start a new run with --model {path}") from None
     raise UserError(f"{run} has no checkpoint to resume from: the run stopped before writing one "
                     "(--save-every N writes one every N steps)")
-
 
 def resume_point(cfg: Config, world_size: int) -> dict | None:
     """--resume: the checkpoint's state, optimizer and this process's generators, read (tensors and
@@ -1336,7 +1238,6 @@ def resume_point(cfg: Config, world_size: int) -> dict | None:
     resumed["summary"].pop("interrupted", None)
     return resumed
 
-
 def restore_training_state(optimizer, rng, noise_rng, resumed: dict, device):
     """AdamW's state (an FSDP shard back into its parameter's layout) and the generators."""
     from torch.distributed.tensor import DTensor
@@ -1355,7 +1256,6 @@ def restore_training_state(optimizer, rng, noise_rng, resumed: dict, device):
     torch.set_rng_state(generators["torch"])
     if "cuda" in generators:
         torch.cuda.set_rng_state(generators["cuda"], device)
-
 
 @contextlib.contextmanager
 def stop_after_step(stop: list):
@@ -1376,7 +1276,6 @@ def stop_after_step(stop: list):
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-
 
 @contextlib.contextmanager
 def open_logs(cfg: Config, resumed: dict | None):
@@ -1402,7 +1301,6 @@ def open_logs(cfg: Config, resumed: dict | None):
             completions.flush()
         yield log, log_completions
 
-
 def _step_of(line: str) -> float:
     try:
         return json.loads(line)["step"]
@@ -1414,10 +1312,8 @@ def _step_of(line: str) -> float:
 TIME_KEYS = ("time_sample", "time_update", "tokens_per_s")  # the only metrics that vary between identical runs
 RESUMABLE = ("steps", "save_every")  # the flags a resumed run may change: they change none of its numbers
 
-
 class UserError(Exception):
     """Bad input: main() prints it as one line and exits with code 2."""
-
 
 def in_range(x, check: str) -> bool:
     """x finite, and within a range written as '>= 1', '> 0', '(0, 1]' or '[0, 1)'."""
@@ -1428,7 +1324,6 @@ def in_range(x, check: str) -> bool:
         return x >= bound if check.startswith(">=") else x > bound
     low, high = (float(v) for v in check[1:-1].split(","))
     return (low <= x if check[0] == "[" else low < x) and (x <= high if check[-1] == "]" else x < high)
-
 
 def resolve(cfg: Config) -> Config:
     """Fill the auto defaults in and check every value a user can get wrong, before any model loads."""
@@ -1470,7 +1365,6 @@ def resolve(cfg: Config) -> Config:
         raise UserError("--device cuda was asked for but CUDA is not available here: use --device cpu (or auto)")
     return cfg
 
-
 def parse_args(argv=None) -> Config:
     """The command line as a Config; with --resume RUN, RUN's config.json, where only RESUMABLE
     flags may take another value."""
@@ -1511,7 +1405,6 @@ def parse_args(argv=None) -> Config:
         setattr(resumed, k, getattr(cfg, k))
     return resumed
 
-
 def to_json(x, **kwargs) -> str:
     """json.dumps with every NaN or infinity written as null: NaN is not JSON (jq, JavaScript)."""
     def finite(x):
@@ -1521,12 +1414,10 @@ def to_json(x, **kwargs) -> str:
             [finite(v) for v in x] if isinstance(x, list) else x
     return json.dumps(finite(x), allow_nan=False, **kwargs)
 
-
 def write_summary(summary: dict, cfg: Config):
     if rank_and_world_size()[0] == 0:
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             f.write(to_json(summary, indent=2))
-
 
 def start_run(cfg: Config, resumed: dict | None, policy, device, train_rows: list, evals: dict):
     """Rank 0: the run folder, config.json (a resumed run keeps its own) and a line on what runs."""
@@ -1553,7 +1444,6 @@ def start_run(cfg: Config, resumed: dict | None, policy, device, train_rows: lis
           + "evaluation on " + (", ".join(f"{k[:-1] or 'held-out'} ({len(p)})" for k, (p, _) in evals.items())
                                 or "nothing") + f" -> {cfg.out}")
 
-
 def print_summary(summary: dict, cfg: Config):
     """One table per evaluation (before and after RL), a row per benchmark."""
     if "sft_steps_done" in summary:
@@ -1573,7 +1463,6 @@ def print_summary(summary: dict, cfg: Config):
     saved = f" and the model in {cfg.out}/checkpoint/" if os.path.isdir(os.path.join(cfg.out, "checkpoint")) else ""
     print(f"\nwrote {cfg.out}/{files}{saved}")
 
-
 def main(argv=None):
     from huggingface_hub.utils import logging as hub_logging
 
@@ -1588,7 +1477,6 @@ def main(argv=None):
         print_summary(summary, cfg)
     if summary.get("interrupted"):
         sys.exit(130)
-
 
 if __name__ == "__main__":
     main()
