@@ -25,7 +25,8 @@ Part I, the method, in the order of Algorithm 1:
 Part II is an appendix of plumbing, to skip on a first read: the verifier, datasets and prompts,
 model loading, step metrics and evaluation, torchrun, checkpoints, the flags' checks and main.
 """
-import contextlib, copy, dataclasses, datetime, json, math, os, random, re, shutil, signal, string, sys, time
+import argparse, contextlib, copy, dataclasses, datetime, json, math, os, pickle, random, re, shutil, signal, string
+import sys, time
 from dataclasses import dataclass, field
 
 import torch
@@ -105,7 +106,6 @@ class Config:
 AUTO = {"steps": (100, 200), "max_new_tokens": (40, 512), "lr": (1e-4, 1e-6), "micro_batch_tokens": (None, 8192),
         "eval_every": (0, 50), "save_every": (0, 50), "eval_samples": (1, 8)}  # (tiny, real models)
 
-
 # --- Eq. 5: the entropy proxy ---------------------------------------------------------------------
 def sequence_entropy(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Eq. 5: H_i = -(1/|S_i|) sum_{t in S_i} log pi_old(o_t | q, o_<t), the mean NLL of the sampled
@@ -119,14 +119,12 @@ def answer_mask(response: torch.Tensor, mask: torch.Tensor, marker: list[int]) -
     """--entropy-span answer (RQ4): the response tokens after the last `marker` (the ids of '</think>'),
     or the whole response if it has none."""
     k = len(marker)
-    if k == 0 or response.shape[1] < k:
-        return mask
+    if k == 0 or response.shape[1] < k: return mask
     windows = response.unfold(1, k, 1)                                                   # (N, L-k+1, k)
     hits = (windows == torch.tensor(marker, device=response.device)).all(-1) & mask[:, k - 1:]
     last = torch.where(hits, torch.arange(hits.shape[1], device=response.device), -1).amax(1, keepdim=True)
     after = torch.arange(response.shape[1], device=response.device) >= last + k          # (N, L)
     return mask & torch.where(last >= 0, after, True)
-
 
 # --- Eq. 2 and Eqs. 7-11, 13: the advantages ------------------------------------------------------
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -182,14 +180,11 @@ def egpo_advantages(rewards: torch.Tensor, entropy: torch.Tensor, group_size: in
     base = torch.where(all_wrong, nsr_base, grpo_advantages(rewards, group_size, eps).view(-1, group_size))
     return (w * base).view(-1)                                                           # Eqs. 10, 11
 
-
 # --- Eq. 12: the policy loss ----------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean") -> torch.Tensor:
     """token-mean: over all unmasked tokens; seq-mean-token-mean: over each response's, then over responses."""
-    if loss_agg == "token-mean":
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    if loss_agg == "seq-mean-token-mean":
-        return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if loss_agg == "token-mean": return (x * mask).sum() / mask.sum().clamp(min=1)
+    if loss_agg == "seq-mean-token-mean": return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     raise ValueError(f"loss_agg must be token-mean or seq-mean-token-mean, not {loss_agg!r}")
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps_low=0.2, clip_eps_high=0.2,
@@ -213,7 +208,6 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps_low=0.2, c
     loss = masked_mean(per_token, mask, loss_agg)
     clip_active = (clipped < unclipped).to(mask.dtype)  # exactly where the clipped branch has no gradient
     return loss, {"kl": masked_mean(kl.detach(), mask).item(), "clip_frac": masked_mean(clip_active, mask).item()}
-
 
 # --- Algorithm 1: one RL step ---------------------------------------------------------------------
 def sample_batch(policy, tokenizer, draw, cfg: Config) -> dict:
@@ -307,7 +301,6 @@ def frozen_logprobs(policy, input_ids, attention_mask, n_response: int, cfg: Con
     return torch.cat([token_logprobs(policy, input_ids[s], attention_mask[s], n_response, cfg.temperature, cfg.bf16)
                       for s in chunks])                                                  # (N, L)
 
-
 # --- the sampler and its log-probs ----------------------------------------------------------------
 LOGIT_CHUNK = 1024  # positions whose fp32 logits exist at once: 1024 x 151,936 vocab x 4 B = 0.6 GB
 
@@ -328,8 +321,7 @@ class Policy(torch.nn.Module):
         out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  cache=cache, use_cache=targets is None)
         hidden, head = out.last_hidden_state, self.lm.get_output_embeddings().weight     # (N, P+L, d), (V, d)
-        if targets is None:
-            return fp32_logits(hidden[:, -1], head, temperature), out.cache               # (N, V)
+        if targets is None: return fp32_logits(hidden[:, -1], head, temperature), out.cache               # (N, V)
         hidden = hidden[:, -targets.shape[1] - 1:-1].flatten(0, 1)                       # (N*L, d)
         flat, parts = targets.flatten(), []
         for i in range(0, len(flat), LOGIT_CHUNK):
@@ -393,8 +385,7 @@ def sample(policy, input_ids, attention_mask, stop_ids: list[int], pad_id: int, 
         logprobs.append(log_p.gather(-1, token[:, None]).squeeze(-1))
         entropies.append(-(p * log_p).sum(-1))
         done |= torch.isin(token, stop)
-        if done.all():
-            break
+        if done.all(): break
         x, position_ids = token[:, None], position_ids[:, -1:] + 1
         attention_mask = torch.cat([attention_mask, torch.ones_like(x)], 1)
     return torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(entropies, 1)
@@ -458,7 +449,6 @@ def cat_rollouts(parts: list[dict], keep: list[torch.Tensor], pad_id: int) -> di
     for key in ("texts", "prompts"):
         out[key] = [x for part, k in zip(parts, keep) for x, kept in zip(part[key], k.tolist()) if kept]
     return out
-
 
 # --- the training loop ----------------------------------------------------------------------------
 def train(cfg: Config) -> dict:
@@ -572,16 +562,14 @@ def _brace_pairs(s: str) -> dict[int, int]:
 def extract_answer(text: str) -> str | None:
     """The last non-empty \\boxed{...} (nested braces allowed; \\fbox too), else the text after the
     last '####' to the end of its line, else None."""
-    if not isinstance(text, str):
-        return None
+    if not isinstance(text, str): return None
     boxes = list(_BOXED.finditer(text))
     pairs = _brace_pairs(text) if boxes else {}
     for match in reversed(boxes):
         start = match.end()  # an unbalanced box gives '' and is skipped, like an empty one
         braced = text[start:start + 1] == "{"
         answer = text[start + 1:pairs.get(start, start)].strip() if braced else _TOKEN.match(text, start).group()
-        if answer:
-            return answer
+        if answer: return answer
     return (text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip() or None) if "####" in text else None
 
 def verify(completion: str, gold: str) -> float:
@@ -597,16 +585,12 @@ def verify(completion: str, gold: str) -> float:
                      and not re.search(r"(?<![A-Za-z])[A-J](?![A-Za-z])", m.group(2) or ""))
     if "####" in gold or _BOXED.search(gold):  # a whole GSM8K / MATH solution was passed as gold
         gold = extract_answer(gold) or ""
-    if not answer or not gold.strip():
-        return 0.0
+    if not answer or not gold.strip(): return 0.0
     a, g = _normalize(answer), _normalize(gold)
-    if a.replace(" ", "").lower() == g.replace(" ", "").lower():
-        return 1.0
+    if a.replace(" ", "").lower() == g.replace(" ", "").lower(): return 1.0
     x, y = _to_number(a), _to_number(g)
-    if x is None or y is None:
-        return 0.0
-    if isinstance(x, int) and isinstance(y, int):
-        return float(x == y)
+    if x is None or y is None: return 0.0
+    if isinstance(x, int) and isinstance(y, int): return float(x == y)
     return float(abs(x - y) <= 1e-6 * max(abs(x), abs(y)))
 
 def _normalize(s: str) -> str:
@@ -628,8 +612,7 @@ def _normalize(s: str) -> str:
     rest = s  # then up to three trailing unit words, if a number remains: '18 dollars', not '5 or more'
     for _ in range(3):
         m = _LAST_WORD.search(rest)
-        if not m or m.group(1).lower() not in _UNITS:
-            break
+        if not m or m.group(1).lower() not in _UNITS: break
         rest = rest[:m.start()].rstrip()
     return rest if rest != s and _to_number(rest) is not None else s
 
@@ -643,12 +626,11 @@ def _unwrap(s: str) -> str:
 def _strip_thousands(s: str) -> str:
     """'1,234,567' -> '1234567' if every comma sits in such a number ('45,135^\\circ' is a list)."""
     numbers = _THOUSANDS.findall(s)
-    if not numbers or s.count(",") != sum(n.count(",") for n in numbers):
-        return s
+    if not numbers or s.count(",") != sum(n.count(",") for n in numbers): return s
     return _THOUSANDS.sub(lambda m: m.group().replace(",", ""), s)
 
 def _to_number(s: str) -> int | float | None:
-    """An int (compared exactly); a decimal, a/b, \\frac{a}{b}, \\frac13 or 3\\frac{1}{2} as a float; signed; else None."""
+    """An int (compared exactly); a decimal, a/b, \\frac{a}{b}, \\frac13 or 3\\frac{1}{2} as a float; else None."""
     sign, s = (-1, s[1:].lstrip()) if s.startswith("-") else (1, s.removeprefix("+"))
     try:
         if re.fullmatch(r"\d+", s):
@@ -664,7 +646,6 @@ def _to_number(s: str) -> int | float | None:
     except (ValueError, ZeroDivisionError):  # a zero denominator, or an int of over 4,300 digits
         return None
     return sign * value if abs(value) < 1e300 else None  # a huge int compares as a string: exactly
-
 
 # --- the toy task, the datasets and the prompts ---------------------------------------------------
 def toy_problem(a: int, b: int) -> dict:
@@ -689,14 +670,12 @@ def _text(x) -> str:
 def _question_answer_row(r: dict) -> dict:
     """A local file's row, or GSM8K's, whose answer may be a worked solution ending in '#### 72'."""
     question, answer = _text(r["question"]), _text(r["answer"])
-    if "####" in answer:
-        return {"question": question, "answer": extract_answer(answer) or "", "solution": answer}
+    if "####" in answer: return {"question": question, "answer": extract_answer(answer) or "", "solution": answer}
     return {"question": question, "answer": answer}
 
 def _mmlu_row(r: dict) -> dict | None:
     """The options under the question, the letter as gold; anatomy left out (evalscope's 18 subjects)."""
-    if r.get("subject") == "anatomy":
-        return None
+    if r.get("subject") == "anatomy": return None
     options = "\n".join(f"{letter}) {choice}" for letter, choice in zip(string.ascii_uppercase, r["choices"]))
     return {"question": f"{r['question']}\n\n{options}\n\nAnswer with the letter of the correct option.",
             "answer": string.ascii_uppercase[int(r["answer"])]}
@@ -744,8 +723,7 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
     builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
     if path and not builder:
         raise UserError(f"{spec!r} is not a dataset ({', '.join(DATASETS)}) nor a .jsonl/.json/.parquet/.csv file")
-    if path and not os.path.isfile(path):
-        raise UserError(f"dataset file {path} does not exist")
+    if path and not os.path.isfile(path): raise UserError(f"dataset file {path} does not exist")
     if not path:
         print(f"loading {hub_id} ({split or hub_split}) from the hub or its local cache ...")
     try:  # a CSV's cells are read as the text written in them: '4' stays '4', an empty cell is ''
@@ -753,9 +731,10 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
         table = datasets.load_dataset(builder, data_files=path, split="train", **as_text) if path else \
             datasets.load_dataset(hub_id, config, split=split or hub_split)
     except Exception as e:
-        raise UserError(f"could not read {path} as {ext[1:]}: {str(e.__cause__ or e).strip().splitlines()[0][:200]}"
-                        if path else f"could not load {hub_id} from the hub ({type(e).__name__}); with no network, "
-                        f"pass a local copy as {name}=FILE (its schema) or a file with question, answer columns") from None
+        why = str(e.__cause__ or e).strip().splitlines()[0][:200]
+        raise UserError(f"could not read {path} as {ext[1:]}: {why}" if path else f"could not load {hub_id} from the "
+                        f"hub ({type(e).__name__}); with no network, pass a local copy as {name}=FILE (its schema) "
+                        "or a file with question, answer columns") from None
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise UserError(f"{path or hub_id} has columns {table.column_names}; {name if path != name else 'a file'} "
@@ -799,14 +778,14 @@ def load_data(cfg: Config, tokenizer, policy) -> tuple[list, list, dict]:
                             "to train on (lower --eval-size)")
         random.Random(cfg.seed).shuffle(rows)
         rows, held_out = rows[cfg.eval_size:], rows[:cfg.eval_size]
+    prompts_of = lambda rows: build_prompts(tokenizer, [r["question"] for r in rows], cfg.dataset, cfg.thinking)
     if cfg.dataset.startswith("openr1"):  # the paper's filter: prompts of at most 1024 tokens
-        rows, held_out = ([r for r, p in zip(x, build_prompts(tokenizer, [r["question"] for r in x], cfg.dataset,
-                                                              cfg.thinking)) if len(p) <= 1024] for x in (rows, held_out))
+        rows, held_out = ([r for r, p in zip(x, prompts_of(x)) if len(p) <= 1024] for x in (rows, held_out))
     if not rows and not eval_only:
         raise UserError(f"no training problems left after holding out --eval-size {cfg.eval_size}: lower it")
     if cfg.sft_steps and not all("solution" in r for r in rows):
         raise UserError("--sft-steps needs worked solutions (the toy task, or GSM8K-style '... #### N' answers)")
-    prompts = build_prompts(tokenizer, [r["question"] for r in rows], cfg.dataset, cfg.thinking)
+    prompts = prompts_of(rows)
     evals, limit = eval_sets(cfg, tokenizer, held_out), context_length(policy.lm, tokenizer)
     for ps, new, name in [(prompts, cfg.max_new_tokens, "--max-new-tokens")] + \
             [(ps, cfg.eval_max_new_tokens, "--eval-max-new-tokens") for ps, _ in evals.values()]:
@@ -827,6 +806,7 @@ def eval_sets(cfg: Config, tokenizer, held_out: list) -> dict:
         sets[name + "/"] = (spec, read_dataset(spec))
     return {prefix: (build_prompts(tokenizer, [r["question"] for r in rows], dataset, cfg.thinking),
                      [r["answer"] for r in rows]) for prefix, (dataset, rows) in sets.items()}
+
 # --- models ---------------------------------------------------------------------------------------
 TINY_VOCAB = ["<pad>", "<eos>", "<unk>"] + [c for c in string.printable if c not in "\t\r\x0b\x0c"]
 TINY_CONFIG = dict(vocab_size=len(TINY_VOCAB), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -840,7 +820,6 @@ def build_tiny_model(seed: int):
     """A 0.14M-parameter Qwen2ForCausalLM (random init, TINY_CONFIG) and a character tokenizer, built here."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
     backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(TINY_VOCAB)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # a token per character
     backend.decoder = decoders.Fuse()
@@ -851,8 +830,7 @@ def build_tiny_model(seed: int):
 
 def is_tiny(model: str) -> bool:
     """'tiny', or a checkpoint of it: a folder whose config and tokenizer are build_tiny_model's."""
-    if model == "tiny":
-        return True
+    if model == "tiny": return True
     try:
         with open(os.path.join(model, "config.json")) as f, open(os.path.join(model, "tokenizer.json")) as g:
             config, vocab = json.load(f), json.load(g)["model"].get("vocab")
@@ -865,7 +843,6 @@ def load_policy(cfg: Config, device: torch.device, path: str | None = None):
     """(Policy(model), tokenizer) of --model (or the folder `path`) on `device`: fp32 weights, left padding,
     and as stop tokens eos and the chat template's end of turn (a base model may write on past its eos)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     if cfg.model == "tiny" and path is None:
         model, tokenizer = build_tiny_model(cfg.seed)
     else:
@@ -915,7 +892,6 @@ def kv_cache(config):
     """transformers' DynamicCache with the keys in the values' dtype: under bf16 autocast the rotary
     embedding makes them fp32 (1.5x the memory), and attention casts them to bf16 anyway."""
     from transformers import DynamicCache
-
     cache = DynamicCache(config=config)
     update = cache.update
     cache.update = lambda keys, values, *args, **kwargs: update(keys.to(values.dtype), values, *args, **kwargs)
@@ -928,7 +904,6 @@ def autocast(device: torch.device, bf16: bool):
 def context_length(model, tokenizer) -> int:
     n = getattr(model.config, "max_position_embeddings", None)
     return n or min(tokenizer.model_max_length, 10 ** 7)  # some tokenizers say 1e30 for "unknown"
-
 
 # --- the warm-up, the evaluation and the step metrics ---------------------------------------------
 def sft_warmup(policy: Policy, tokenizer, rows: list, prompts: list, cfg: Config, rng: random.Random) -> int:
@@ -957,8 +932,7 @@ def sft_warmup(policy: Policy, tokenizer, rows: list, prompts: list, cfg: Config
             batch = rollout(policy, tokenizer, [prompts[i] for i in check], [rows[i]["answer"] for i in check], 1,
                             cfg, greedy=True)
             policy.train()
-            if batch["rewards"].mean() >= cfg.sft_target:
-                return step
+            if batch["rewards"].mean() >= cfg.sft_target: return step
     return cfg.sft_steps
 
 def pad_right(rows: list[list[int]], value: int, device) -> torch.Tensor:
@@ -977,7 +951,8 @@ def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config, prefix:
     noise = torch.rand(len(prompts) * k, ecfg.max_new_tokens, generator=torch.Generator().manual_seed(cfg.seed + 1))
     lo, hi = rank * len(prompts) // world_size, (rank + 1) * len(prompts) // world_size
     chunk = max(1, cfg.prompts_per_step // world_size * cfg.group_size // k)  # problems per rollout, as training
-    parts = {key: [torch.zeros(0, device=next(policy.parameters()).device)] for key in ("greedy", "sampled", "H", "truncated")}
+    empty = torch.zeros(0, device=next(policy.parameters()).device)
+    parts = {key: [empty] for key in ("greedy", "sampled", "H", "truncated")}
     with full_weights(policy) as sampler:
         for i in tqdm(range(lo, hi, chunk), desc=f"eval {prefix or 'held-out'}", leave=False, disable=rank > 0):
             p, g = prompts[i:min(i + chunk, hi)], golds[i:min(i + chunk, hi)]
@@ -999,8 +974,7 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """P(a random positive scores above a random negative), ties 1/2 (Mann-Whitney U); NaN if a class is absent."""
     pos = labels > 0
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
+    if n_pos == 0 or n_neg == 0: return float("nan")
     _, inverse, counts = scores.double().unique(return_inverse=True, return_counts=True)
     rank = (counts.cumsum(0) - (counts - 1) / 2)[inverse]  # 1-based ranks, ties given their mean rank
     return ((rank[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
@@ -1017,10 +991,9 @@ def calibration_metrics(rewards, entropy, adv, adv_tilde, group_size: int) -> di
     return {
         "reward_mean": rewards.float().mean().item(), "acc": correct.float().mean().item(),
         "entropy_mean": entropy.nanmean().item(),
-        "entropy_correct": entropy[correct].nanmean().item() if correct.any() else nan,
-        "entropy_incorrect": entropy[~correct].nanmean().item() if (~correct).any() else nan,
-        "weight_mean": w.mean().item() if len(w) else nan, "weight_min": w.min().item() if len(w) else nan,
-        "weight_max": w.max().item() if len(w) else nan, "nsr_adv_mean": nsr.mean().item() if len(nsr) else nan,
+        "entropy_correct": entropy[correct].nanmean().item(), "entropy_incorrect": entropy[~correct].nanmean().item(),
+        "weight_mean": w.mean().item(), "weight_min": w.min().item() if len(w) else nan,
+        "weight_max": w.max().item() if len(w) else nan, "nsr_adv_mean": nsr.mean().item(),  # NaN if empty
         "groups_all_correct": int((r.amin(1) > 0).sum()), "groups_all_wrong": int(all_wrong.sum()),
         "groups_mixed": int(mixed.sum()), "confident_correct": int((confident & correct).sum()),
         "fragile_correct": int((~confident & correct & valid).sum()),
@@ -1049,7 +1022,6 @@ def step_metrics(batch: dict, entropy, adv, adv_tilde, logs: dict, time_update: 
             "groups_sampled": int(all_reduce(batch["groups_sampled"], device)), "time_sample": batch["time_sample"],
             "time_update": time_update, "tokens_per_s": n_tokens / batch["time_sample"]}
 
-
 # --- several processes (torchrun): data parallel (DDP) or sharded (FSDP2) -------------------------
 def rank_and_world_size() -> tuple[int, int]:
     """(this process's rank, the number of processes): (0, 1) without torchrun."""
@@ -1065,16 +1037,14 @@ def all_reduce(x, device, op: str = "sum") -> torch.Tensor:
 
 def all_gather_objects(rows: list) -> list:
     """The lists of all processes, concatenated, rank 0's first: what one process would hold."""
-    if rank_and_world_size()[1] == 1:
-        return rows
+    if rank_and_world_size()[1] == 1: return rows
     parts = [None] * rank_and_world_size()[1]
     torch.distributed.all_gather_object(parts, rows)
     return [row for part in parts for row in part]
 
 def all_gather(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Each tensor concatenated over the processes, rank 0's rows first."""
-    if rank_and_world_size()[1] == 1:
-        return list(tensors)
+    if rank_and_world_size()[1] == 1: return list(tensors)
     parts = all_gather_objects([[x.cpu() for x in tensors]])
     return [torch.cat(xs).to(x.device) for xs, x in zip(zip(*parts), tensors)]
 
@@ -1099,15 +1069,13 @@ def init_distributed(cfg: Config) -> torch.device:
 def parallelize(policy: Policy, cfg: Config):
     """Under torchrun: rank 0's weights everywhere, then DDP (a copy per process) or, with --fsdp,
     FSDP2 (weights, gradients and AdamW's state sharded; a decoder layer gathered while it runs)."""
-    if rank_and_world_size()[1] == 1:
-        return policy
+    if rank_and_world_size()[1] == 1: return policy
     for x in policy.state_dict().values():
         torch.distributed.broadcast(x, 0)
     device = next(policy.parameters()).device
     if not cfg.fsdp:
         return torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device] if device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
-
     for module in policy.modules():
         if type(module).__name__ in (policy.lm._no_split_modules or []):  # the decoder layers
             fully_shard(module)
@@ -1121,7 +1089,6 @@ def gradient_sync(policy, sync: bool):
     """Only the micro-batch with sync=True reduces gradients (DDP: no_sync over the forward too;
     FSDP: no reduce-scatter)."""
     from torch.distributed.fsdp import FSDPModule
-
     if isinstance(policy, FSDPModule):
         policy.set_requires_gradient_sync(sync)
     ddp = isinstance(policy, torch.nn.parallel.DistributedDataParallel)
@@ -1133,7 +1100,6 @@ def full_weights(policy):
     """The module to sample with. DDP: the module inside (its forward would sync buffers at every
     token); FSDP: all weights gathered once for the whole generation (no decode step waits)."""
     from torch.distributed.fsdp import FSDPModule
-
     if not isinstance(policy, FSDPModule):
         yield unwrap(policy)
         return
@@ -1149,7 +1115,6 @@ def full_weights(policy):
         policy.set_reshard_after_forward(True)
         policy.set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root
 
-
 # --- checkpoints, and a run that stops and resumes ------------------------------------------------
 def generator_states(rng: random.Random, noise_rng: torch.Generator, device) -> dict:
     """Every random generator a run draws from: Python's (the prompts), the noise's, torch's."""
@@ -1163,7 +1128,6 @@ def save_checkpoint(policy, tokenizer, optimizer, generators: dict, summary: dic
     checkpoint.new/ and then swapped in: a kill at any moment leaves the previous one whole."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
-
     rank, world_size = rank_and_world_size()
     barrier = torch.distributed.barrier if world_size > 1 else lambda: None
     final, new, old = (os.path.join(cfg.out, name) for name in ("checkpoint", "checkpoint.new", "checkpoint.old"))
@@ -1205,18 +1169,15 @@ def last_checkpoint(run: str) -> dict:
                     state = json.load(f, object_hook=lambda d: {k: math.nan if v is None else v for k, v in d.items()})
                 return {**state, "path": path}
             except (OSError, ValueError):
-                raise UserError(f"{path} has no readable trainer_state.json (a model without its training state, "
-                                f"or a write cut off): nothing to resume; start a new run with --model {path}") from None
+                raise UserError(f"{path} has no readable trainer_state.json (a model without its training state, or "
+                                f"a write cut off): nothing to resume; start a new run with --model {path}") from None
     raise UserError(f"{run} has no checkpoint to resume from: the run stopped before writing one "
                     "(--save-every N writes one every N steps)")
 
 def resume_point(cfg: Config, world_size: int) -> dict | None:
     """--resume: the checkpoint's state, optimizer and this process's generators, read (tensors and
     plain values only, weights_only=True) before anything in the folder changes."""
-    import pickle
-
-    if not cfg.resume:
-        return None
+    if not cfg.resume: return None
     resumed, rank = last_checkpoint(cfg.resume), rank_and_world_size()[0]
     if (resumed["algo"], resumed["model"]) != (cfg.algo, cfg.model):
         raise UserError(f"{resumed['path']} was written by --algo {resumed['algo']} --model {resumed['model']}, "
@@ -1232,8 +1193,8 @@ def resume_point(cfg: Config, world_size: int) -> dict | None:
         resumed["optimizer"], generators = (torch.load(os.path.join(resumed["path"], f), map_location="cpu",
                                                        weights_only=True) for f in files)
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:
-        raise UserError(f"{resumed['path']}: {' or '.join(files)} is missing, damaged or holds more than tensors and plain "
-                        f"values ({type(e).__name__}): not loaded") from None
+        raise UserError(f"{resumed['path']}: {' or '.join(files)} is missing, damaged or holds more than tensors "
+                        f"and plain values ({type(e).__name__}): not loaded") from None
     resumed["generators"] = generators[rank]
     resumed["summary"].pop("interrupted", None)
     return resumed
@@ -1241,7 +1202,6 @@ def resume_point(cfg: Config, world_size: int) -> dict | None:
 def restore_training_state(optimizer, rng, noise_rng, resumed: dict, device):
     """AdamW's state (an FSDP shard back into its parameter's layout) and the generators."""
     from torch.distributed.tensor import DTensor
-
     state, params = resumed.pop("optimizer"), [p for group in optimizer.param_groups for p in group["params"]]
     for i, moments in state["state"].items():
         p = params[i]
@@ -1307,7 +1267,6 @@ def _step_of(line: str) -> float:
     except (ValueError, KeyError, TypeError):  # a line cut off by a kill
         return math.inf
 
-
 # --- the command line: checks of the flags, files written, main -----------------------------------
 TIME_KEYS = ("time_sample", "time_update", "tokens_per_s")  # the only metrics that vary between identical runs
 RESUMABLE = ("steps", "save_every")  # the flags a resumed run may change: they change none of its numbers
@@ -1317,8 +1276,7 @@ class UserError(Exception):
 
 def in_range(x, check: str) -> bool:
     """x finite, and within a range written as '>= 1', '> 0', '(0, 1]' or '[0, 1)'."""
-    if not math.isfinite(x):
-        return False
+    if not math.isfinite(x): return False
     if check.startswith(">"):
         bound = float(check.lstrip(">= "))
         return x >= bound if check.startswith(">=") else x > bound
@@ -1368,48 +1326,40 @@ def resolve(cfg: Config) -> Config:
 def parse_args(argv=None) -> Config:
     """The command line as a Config; with --resume RUN, RUN's config.json, where only RESUMABLE
     flags may take another value."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="egpo.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="egpo.py", description=__doc__.split("\n\n")[0],
+                                     argument_default=argparse.SUPPRESS)  # a flag not given is left out
     for f in dataclasses.fields(Config):
         name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:  # --flag; an auto (None) default also gets --no-flag
-            action = "store_true" if f.default is False else argparse.BooleanOptionalAction
-            parser.add_argument(name, action=action, default=f.default, help=help)
+            parser.add_argument(name, action="store_true" if f.default is False else argparse.BooleanOptionalAction,
+                                help=help)
         else:
             help += "" if f.default is None else f" (default: {f.default})"
-            parser.add_argument(name, type=f.type, default=f.default, choices=f.metadata["choices"], help=help)
-    cfg = Config(**vars(parser.parse_args(argv)))
-    if not cfg.resume:
-        return cfg
-    missing = object()  # which flags were given: parse again with every default replaced by this
-    parser.set_defaults(**{f.name: missing for f in dataclasses.fields(Config)})
-    given = {k for k, v in vars(parser.parse_args(argv)).items() if v is not missing} - {"resume"}
-    if given & {"model", "out"}:
-        raise UserError(f"--{min(given & {'model', 'out'})}: --resume continues the run's own model in its own "
-                        "folder; drop it")
+            parser.add_argument(name, type=f.type, choices=f.metadata["choices"], help=help)
+    given = vars(parser.parse_args(argv))
+    if "resume" not in given: return Config(**given)
+    if given.keys() & {"model", "out"}:
+        raise UserError(f"--{min(given.keys() & {'model', 'out'})}: --resume continues the run's own model in its "
+                        "own folder; drop it")
     try:
-        with open(os.path.join(cfg.resume, "config.json")) as f:
+        with open(os.path.join(given["resume"], "config.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError):
-        raise UserError(f"--resume {cfg.resume}: not a run folder (no readable config.json); pass the --out "
+        raise UserError(f"--resume {given['resume']}: not a run folder (no readable config.json); pass the --out "
                         "folder of a run") from None
-    changed = sorted(k for k in given - set(RESUMABLE) if getattr(cfg, k) != saved.get(k))
+    changed = sorted(k for k in given.keys() - {"resume", *RESUMABLE} if given[k] != saved.get(k))
     if changed:
         name, k = "--" + changed[0].replace("_", "-"), changed[0]
-        raise UserError(f"{name} {getattr(cfg, k)} differs from the run's {name} {saved.get(k)}: a resumed run "
+        raise UserError(f"{name} {given[k]} differs from the run's {name} {saved.get(k)}: a resumed run "
                         "keeps its config; only --steps and --save-every may change")
-    resumed = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
-    resumed.resume = resumed.out = cfg.resume
-    for k in given & set(RESUMABLE):
-        setattr(resumed, k, getattr(cfg, k))
-    return resumed
+    kept = {f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved}
+    return Config(**{**kept, **{k: given[k] for k in RESUMABLE if k in given}, "resume": given["resume"],
+                     "out": given["resume"]})
 
 def to_json(x, **kwargs) -> str:
     """json.dumps with every NaN or infinity written as null: NaN is not JSON (jq, JavaScript)."""
     def finite(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
+        if isinstance(x, float) and not math.isfinite(x): return None
         return {k: finite(v) for k, v in x.items()} if isinstance(x, dict) else \
             [finite(v) for v in x] if isinstance(x, list) else x
     return json.dumps(finite(x), allow_nan=False, **kwargs)
@@ -1424,8 +1374,7 @@ def start_run(cfg: Config, resumed: dict | None, policy, device, train_rows: lis
     rank, world_size = rank_and_world_size()
     cfg.out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.algo}-"
                                       + os.path.basename(cfg.model.rstrip("/")))
-    if rank > 0:
-        return
+    if rank > 0: return
     os.makedirs(cfg.out, exist_ok=True)
     config = {**dataclasses.asdict(cfg), "world_size": world_size, "torch": torch.__version__,
               "command": " ".join(sys.argv)}
@@ -1449,8 +1398,7 @@ def print_summary(summary: dict, cfg: Config):
     if "sft_steps_done" in summary:
         print(f"\nwarm-up: {summary['sft_steps_done']} supervised steps")
     for stage, title in [("before", "before RL"), ("after", f"after {summary['steps_done']} RL steps")]:
-        if stage not in summary:
-            continue
+        if stage not in summary: continue
         r = summary[stage]
         print(f"\n{title:24s} {'greedy':>7s} {f'pass@1 ± s.e. (k={cfg.eval_samples})':>19s} {'truncated':>9s} "
               f"{'AUROC of -H':>11s} {'H right':>7s} {'H wrong':>7s}")
@@ -1465,7 +1413,6 @@ def print_summary(summary: dict, cfg: Config):
 
 def main(argv=None):
     from huggingface_hub.utils import logging as hub_logging
-
     hub_logging.set_verbosity_error()  # no retry chatter when the hub is unreachable: our error says it once
     try:
         cfg = resolve(parse_args(argv))
