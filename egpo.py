@@ -321,7 +321,7 @@ class Policy(torch.nn.Module):
         out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  cache=cache, use_cache=targets is None)
         hidden, head = out.last_hidden_state, self.lm.get_output_embeddings().weight     # (N, P+L, d), (V, d)
-        if targets is None: return fp32_logits(hidden[:, -1], head, temperature), out.cache               # (N, V)
+        if targets is None: return fp32_logits(hidden[:, -1], head, temperature), out.cache  # (N, V), the cache
         hidden = hidden[:, -targets.shape[1] - 1:-1].flatten(0, 1)                       # (N*L, d)
         flat, parts = targets.flatten(), []
         for i in range(0, len(flat), LOGIT_CHUNK):
@@ -731,7 +731,7 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
         table = datasets.load_dataset(builder, data_files=path, split="train", **as_text) if path else \
             datasets.load_dataset(hub_id, config, split=split or hub_split)
     except Exception as e:
-        why = str(e.__cause__ or e).strip().splitlines()[0][:200]
+        why = (str(e.__cause__ or e).strip().splitlines() or ["?"])[0][:200]
         raise UserError(f"could not read {path} as {ext[1:]}: {why}" if path else f"could not load {hub_id} from the "
                         f"hub ({type(e).__name__}); with no network, pass a local copy as {name}=FILE (its schema) "
                         "or a file with question, answer columns") from None
