@@ -1678,6 +1678,18 @@ def test_dataset_errors(tmp_path, capsys):
     expect_user_error(["--dataset", str(broken), "--out", str(tmp_path)], capsys, "could not read")
 
 
+def test_a_reading_error_without_a_message_is_still_one_line(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    def fail(*args, **kwargs):
+        raise RuntimeError()  # some library errors carry no message
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"question": "1+1", "answer": "2"}\n')
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    expect_user_error(["--dataset", str(data), "--out", str(tmp_path)], capsys, f"could not read {data} as jsonl: ?")
+
+
 def test_prompt_longer_than_the_context_is_a_clear_error(tmp_path, capsys):
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps({"question": "1+" * 150 + str(i), "answer": "151"}) + "\n" for i in range(4)))
