@@ -109,8 +109,8 @@ AUTO = {"steps": (100, 200), "max_new_tokens": (40, 512), "lr": (1e-4, 1e-6), "m
 # --- Eq. 5: the entropy proxy ---------------------------------------------------------------------
 def sequence_entropy(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Eq. 5: H_i = -(1/|S_i|) sum_{t in S_i} log pi_old(o_t | q, o_<t), the mean NLL of the sampled
-    response: free, from the sampler's log-probs. `mask` marks S_i (the response, or answer_mask's).
-    Detached; NaN when S_i is empty (the response then takes no part in its group's calibration)."""
+    response (a one-sample estimate of the policy's entropy), free from the sampler's log-probs. `mask`
+    marks S_i (the response, or answer_mask's). Detached; NaN if S_i is empty (Eq. 7 then skips it)."""
     mask = mask.to(logprobs.dtype)
     n = mask.sum(-1)                                                                     # (N,)
     return torch.where(n > 0, -(logprobs.detach() * mask).sum(-1) / n.clamp(min=1), float("nan"))
