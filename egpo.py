@@ -25,8 +25,8 @@ Part I, the method, in the order of Algorithm 1:
 Part II is an appendix of plumbing, to skip on a first read: the verifier, datasets and prompts,
 model loading, step metrics and evaluation, torchrun, checkpoints, the flags' checks and main.
 """
-import argparse, contextlib, copy, dataclasses, datetime, json, math, os, pickle, random, re, shutil, signal, string
-import sys, time
+import argparse, contextlib, copy, dataclasses, datetime, gc, json, math, os, pickle, random, re, shutil, signal
+import string, sys, time
 from dataclasses import dataclass, field
 
 import torch
@@ -527,8 +527,6 @@ def train(cfg: Config) -> dict:
                 checkpoint()
         finally:
             write_summary(summary, cfg)
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
     return summary
 
 
@@ -1420,7 +1418,10 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if int(os.environ.get("RANK", 0)) == 0:  # torchrun's rank; train() has left the process group
+    if torch.distributed.is_initialized():  # torchrun: the models went with train(); collected at exit instead
+        gc.collect()                        # of now, they can abort the process group's teardown (gloo)
+        torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:  # torchrun's rank
         print_summary(summary, cfg)
     if summary.get("interrupted"):
         sys.exit(130)
