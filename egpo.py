@@ -37,7 +37,7 @@ from tqdm.auto import tqdm  # tqdm ships with transformers and datasets
 # Part I: the method
 # ==================================================================================================
 def flag(default, help, choices=None, check=None):
-    """A Config field: default, one line of --help, and `choices` or a range `check` ('>= 1', '(0, 1]')."""
+    """A Config field: default, one line of --help, and its `choices` ('a b c') or range `check` ('(0, 1]')."""
     return field(default=default, metadata={"help": help, "choices": choices and choices.split(), "check": check})
 
 @dataclass
