@@ -183,8 +183,10 @@ def egpo_advantages(rewards: torch.Tensor, entropy: torch.Tensor, group_size: in
 # --- Eq. 12: the policy loss ----------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean") -> torch.Tensor:
     """token-mean: over all unmasked tokens; seq-mean-token-mean: over each response's, then over responses."""
-    if loss_agg == "token-mean": return (x * mask).sum() / mask.sum().clamp(min=1)
-    if loss_agg == "seq-mean-token-mean": return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if loss_agg == "token-mean":
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    if loss_agg == "seq-mean-token-mean":
+        return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     raise ValueError(f"loss_agg must be token-mean or seq-mean-token-mean, not {loss_agg!r}")
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps_low=0.2, clip_eps_high=0.2,
@@ -321,7 +323,8 @@ class Policy(torch.nn.Module):
         out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  cache=cache, use_cache=targets is None)
         hidden, head = out.last_hidden_state, self.lm.get_output_embeddings().weight     # (N, P+L, d), (V, d)
-        if targets is None: return fp32_logits(hidden[:, -1], head, temperature), out.cache  # (N, V), the cache
+        if targets is None:
+            return fp32_logits(hidden[:, -1], head, temperature), out.cache               # (N, V)
         hidden = hidden[:, -targets.shape[1] - 1:-1].flatten(0, 1)                       # (N*L, d)
         flat, parts = targets.flatten(), []
         for i in range(0, len(flat), LOGIT_CHUNK):
@@ -434,15 +437,15 @@ def cat_rollouts(parts: list[dict], keep: list[torch.Tensor], pad_id: int) -> di
     left-padded and responses right-padded to the widest (DAPO's dynamic sampling)."""
     n_resp = [part["response_mask"].shape[1] for part in parts]
     n_prompt = [part["input_ids"].shape[1] - n for part, n in zip(parts, n_resp)]
-    out = {}
+    P, L, out = max(n_prompt), max(n_resp), {}
     for key, value in [("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0), ("entropy_mask", 0),
                        ("logprobs", 0.0), ("token_entropy", 0.0)]:
         rows = []
         for part, k, p, n in zip(parts, keep, n_prompt, n_resp):
             x = part[key][k]
-            left = max(n_prompt) - p if x.shape[1] > n else 0  # input_ids and attention_mask hold the prompt too
+            left = P - p if x.shape[1] > n else 0  # input_ids and attention_mask hold the prompt too
             x = x if x.is_floating_point() else x.long()  # pad() takes no bool
-            rows.append(torch.nn.functional.pad(x, (left, max(n_resp) - n), value=value).to(part[key].dtype))
+            rows.append(torch.nn.functional.pad(x, (left, L - n), value=value).to(part[key].dtype))
         out[key] = torch.cat(rows)
     for key in ("rewards", "truncated"):
         out[key] = torch.cat([part[key][k] for part, k in zip(parts, keep)])
@@ -453,8 +456,8 @@ def cat_rollouts(parts: list[dict], keep: list[torch.Tensor], pad_id: int) -> di
 # --- the training loop ----------------------------------------------------------------------------
 def train(cfg: Config) -> dict:
     """The whole run: model, data, warm-up, RL steps with logs and checkpoints, evaluations and
-    summary; with --resume, the rest of a run from its last checkpoint. Under torchrun every
-    process runs this, and rank 0 alone prints and writes files."""
+    summary; with --resume, the rest of a run from its last checkpoint. Under torchrun every process
+    runs this (rank 0 alone prints and writes files), and main() tears the process group down after."""
     device = init_distributed(cfg)
     rank, world_size = rank_and_world_size()
     resumed = resume_point(cfg, world_size)  # None, or the checkpoint's state, read before anything changes
@@ -583,12 +586,16 @@ def verify(completion: str, gold: str) -> float:
                      and not re.search(r"(?<![A-Za-z])[A-J](?![A-Za-z])", m.group(2) or ""))
     if "####" in gold or _BOXED.search(gold):  # a whole GSM8K / MATH solution was passed as gold
         gold = extract_answer(gold) or ""
-    if not answer or not gold.strip(): return 0.0
+    if not answer or not gold.strip():
+        return 0.0
     a, g = _normalize(answer), _normalize(gold)
-    if a.replace(" ", "").lower() == g.replace(" ", "").lower(): return 1.0
+    if a.replace(" ", "").lower() == g.replace(" ", "").lower():
+        return 1.0
     x, y = _to_number(a), _to_number(g)
-    if x is None or y is None: return 0.0
-    if isinstance(x, int) and isinstance(y, int): return float(x == y)
+    if x is None or y is None:
+        return 0.0
+    if isinstance(x, int) and isinstance(y, int):
+        return float(x == y)
     return float(abs(x - y) <= 1e-6 * max(abs(x), abs(y)))
 
 def _normalize(s: str) -> str:
@@ -617,14 +624,16 @@ def _normalize(s: str) -> str:
 def _unwrap(s: str) -> str:
     """'\\text{\\textbf{5} cm}' -> '5 cm': every text wrapper, nested ones too, in one pass."""
     starts = list(_WRAPPER.finditer(s))
-    pairs = _brace_pairs(s) if starts else {}
+    if not starts: return s
+    pairs = _brace_pairs(s)
     cut = {i for m in starts if m.end() in pairs for i in (*range(m.start(), m.end() + 1), pairs[m.end()])}
     return "".join(c for i, c in enumerate(s) if i not in cut)
 
 def _strip_thousands(s: str) -> str:
     """'1,234,567' -> '1234567' if every comma sits in such a number ('45,135^\\circ' is a list)."""
     numbers = _THOUSANDS.findall(s)
-    if not numbers or s.count(",") != sum(n.count(",") for n in numbers): return s
+    if not numbers or s.count(",") != sum(n.count(",") for n in numbers):
+        return s
     return _THOUSANDS.sub(lambda m: m.group().replace(",", ""), s)
 
 def _to_number(s: str) -> int | float | None:
@@ -668,7 +677,8 @@ def _text(x) -> str:
 def _question_answer_row(r: dict) -> dict:
     """A local file's row, or GSM8K's, whose answer may be a worked solution ending in '#### 72'."""
     question, answer = _text(r["question"]), _text(r["answer"])
-    if "####" in answer: return {"question": question, "answer": extract_answer(answer) or "", "solution": answer}
+    if "####" in answer:
+        return {"question": question, "answer": extract_answer(answer) or "", "solution": answer}
     return {"question": question, "answer": answer}
 
 def _mmlu_row(r: dict) -> dict | None:
@@ -717,22 +727,26 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
     hub_id, config, hub_split, columns, to_row = DATASETS.get(name, (None, None, None, "question answer",
                                                                      _question_answer_row))
     path, columns = path or (None if name in DATASETS else name), columns.split()
-    ext = os.path.splitext(path or "")[1].lower()
-    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
-    if path and not builder:
-        raise UserError(f"{spec!r} is not a dataset ({', '.join(DATASETS)}) nor a .jsonl/.json/.parquet/.csv file")
-    if path and not os.path.isfile(path): raise UserError(f"dataset file {path} does not exist")
-    if not path:
-        print(f"loading {hub_id} ({split or hub_split}) from the hub or its local cache ...")
-    try:  # a CSV's cells are read as the text written in them: '4' stays '4', an empty cell is ''
+    if path:
+        ext = os.path.splitext(path)[1].lower()
+        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
+        if not builder:
+            raise UserError(f"{spec!r} is not a dataset ({', '.join(DATASETS)}) nor a .jsonl/.json/.parquet/.csv file")
+        if not os.path.isfile(path):
+            raise UserError(f"dataset file {path} does not exist")
         as_text = {"converters": {c: str for c in columns}, "keep_default_na": False} if builder == "csv" else {}
-        table = datasets.load_dataset(builder, data_files=path, split="train", **as_text) if path else \
-            datasets.load_dataset(hub_id, config, split=split or hub_split)
-    except Exception as e:
-        why = (str(e.__cause__ or e).strip().splitlines() or ["?"])[0][:200]
-        raise UserError(f"could not read {path} as {ext[1:]}: {why}" if path else f"could not load {hub_id} from the "
-                        f"hub ({type(e).__name__}); with no network, pass a local copy as {name}=FILE (its schema) "
-                        "or a file with question, answer columns") from None
+        try:  # a CSV's cells are read as the text written in them: '4' stays '4', an empty cell is ''
+            table = datasets.load_dataset(builder, data_files=path, split="train", **as_text)
+        except Exception as e:
+            why = (str(e.__cause__ or e).strip().splitlines() or ["?"])[0][:200]  # some errors have no message
+            raise UserError(f"could not read {path} as {ext[1:]}: {why}") from None
+    else:
+        print(f"loading {hub_id} ({split or hub_split}) from the hub or its local cache ...")
+        try:
+            table = datasets.load_dataset(hub_id, config, split=split or hub_split)
+        except Exception as e:
+            raise UserError(f"could not load {hub_id} from the hub ({type(e).__name__}); with no network, pass a "
+                            f"local copy as {name}=FILE (its schema) or a file with question, answer columns") from None
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise UserError(f"{path or hub_id} has columns {table.column_names}; {name if path != name else 'a file'} "
@@ -776,7 +790,8 @@ def load_data(cfg: Config, tokenizer, policy) -> tuple[list, list, dict]:
                             "to train on (lower --eval-size)")
         random.Random(cfg.seed).shuffle(rows)
         rows, held_out = rows[cfg.eval_size:], rows[:cfg.eval_size]
-    prompts_of = lambda rows: build_prompts(tokenizer, [r["question"] for r in rows], cfg.dataset, cfg.thinking)
+    def prompts_of(some_rows):
+        return build_prompts(tokenizer, [r["question"] for r in some_rows], cfg.dataset, cfg.thinking)
     if cfg.dataset.startswith("openr1"):  # the paper's filter: prompts of at most 1024 tokens
         rows, held_out = ([r for r, p in zip(x, prompts_of(x)) if len(p) <= 1024] for x in (rows, held_out))
     if not rows and not eval_only:
@@ -990,8 +1005,8 @@ def calibration_metrics(rewards, entropy, adv, adv_tilde, group_size: int) -> di
         "reward_mean": rewards.float().mean().item(), "acc": correct.float().mean().item(),
         "entropy_mean": entropy.nanmean().item(),
         "entropy_correct": entropy[correct].nanmean().item(), "entropy_incorrect": entropy[~correct].nanmean().item(),
-        "weight_mean": w.mean().item(), "weight_min": w.min().item() if len(w) else nan,
-        "weight_max": w.max().item() if len(w) else nan, "nsr_adv_mean": nsr.mean().item(),  # NaN if empty
+        "weight_mean": w.mean().item(), "weight_min": w.min().item() if len(w) else nan,  # mean: NaN if empty,
+        "weight_max": w.max().item() if len(w) else nan, "nsr_adv_mean": nsr.mean().item(),  # min, max: an error
         "groups_all_correct": int((r.amin(1) > 0).sum()), "groups_all_wrong": int(all_wrong.sum()),
         "groups_mixed": int(mixed.sum()), "confident_correct": int((confident & correct).sum()),
         "fragile_correct": int((~confident & correct & valid).sum()),
@@ -1335,7 +1350,7 @@ def parse_args(argv=None) -> Config:
             help += "" if f.default is None else f" (default: {f.default})"
             parser.add_argument(name, type=f.type, choices=f.metadata["choices"], help=help)
     given = vars(parser.parse_args(argv))
-    if "resume" not in given: return Config(**given)
+    if not given.get("resume"): return Config(**given)
     if given.keys() & {"model", "out"}:
         raise UserError(f"--{min(given.keys() & {'model', 'out'})}: --resume continues the run's own model in its "
                         "own folder; drop it")
@@ -1418,8 +1433,10 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if torch.distributed.is_initialized():  # torchrun: the models went with train(); collected at exit instead
-        gc.collect()                        # of now, they can abort the process group's teardown (gloo)
+    # torchrun: the models went with train(); free them now, before their process group (collected at exit,
+    # they can abort its teardown under gloo)
+    if torch.distributed.is_initialized():
+        gc.collect()
         torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", 0)) == 0:  # torchrun's rank
         print_summary(summary, cfg)

@@ -1443,6 +1443,13 @@ def test_a_folder_named_tiny_does_not_change_what_tiny_means(tmp_path, monkeypat
     assert egpo.is_tiny("tiny") and not egpo.is_tiny(str(tmp_path / "tiny"))
 
 
+def test_an_empty_resume_starts_a_new_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model": "other"}))  # not a run to take over
+    cfg = egpo.parse_args(["--resume", "", "--steps", "3"])
+    assert cfg.resume == "" and cfg.out is None and cfg.steps == 3 and cfg.model == "tiny"
+
+
 def test_help_documents_every_flag_of_the_spec(capsys):
     with pytest.raises(SystemExit) as e:
         egpo.parse_args(["--help"])
