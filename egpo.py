@@ -258,8 +258,8 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
     chunks = micro_batches(len(ids), int(all_reduce(ids.shape[1], ids.device, "max")), cfg)
     # pi_old is the sampler: with mu = 1 the update's own forward, detached (the first ratio is
     # exactly 1, as in TRL); with more epochs, its log-probs recomputed once (as verl).
-    old = frozen_logprobs(policy, ids, attn, n_response, cfg) if cfg.mu > 1 else None    # (N, L)
-    ref = frozen_logprobs(ref_model, ids, attn, n_response, cfg) if ref_model is not None else None
+    old = frozen_logprobs(policy, ids, attn, n_response, cfg, chunks) if cfg.mu > 1 else None    # (N, L)
+    ref = frozen_logprobs(ref_model, ids, attn, n_response, cfg, chunks) if ref_model is not None else None
     weights, token_shares = loss_weights(mask, chunks, cfg)
     logs = dict.fromkeys(("loss", "kl", "clip_frac", "grad_norm"), 0.0)
     policy.train()
@@ -297,9 +297,9 @@ def micro_batches(n: int, width: int, cfg: Config) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 @torch.no_grad()
-def frozen_logprobs(policy, input_ids, attention_mask, n_response: int, cfg: Config):
+def frozen_logprobs(policy, input_ids, attention_mask, n_response: int, cfg: Config, chunks=None):
     """token_logprobs without gradients, in the update's micro-batches: pi_old's (--mu > 1), the reference's."""
-    chunks = micro_batches(len(input_ids), int(all_reduce(input_ids.shape[1], input_ids.device, "max")), cfg)
+    chunks = chunks or micro_batches(len(input_ids), int(all_reduce(input_ids.shape[1], input_ids.device, "max")), cfg)
     return torch.cat([token_logprobs(policy, input_ids[s], attention_mask[s], n_response, cfg.temperature, cfg.bf16)
                       for s in chunks])                                                  # (N, L)
 

@@ -57,7 +57,7 @@ def main(argv=None):
         print(f"{args.how}: {measure(args):.2f} GiB above the model")
         return
     for how in ("full", "chunked"):
-        argv_how = [a for a in (argv if argv is not None else sys.argv[1:])] + ["--how", how]
+        argv_how = list(argv if argv is not None else sys.argv[1:]) + ["--how", how]
         subprocess.run([sys.executable, os.path.abspath(__file__), *argv_how], check=True)
 
 
