@@ -26,7 +26,7 @@ Part II is an appendix of plumbing, to skip on a first read: the verifier, datas
 model loading, step metrics and evaluation, torchrun, checkpoints, the flags' checks and main.
 """
 import argparse, contextlib, copy, dataclasses, datetime, gc, json, math, os, pickle, random, re, shutil, signal
-import string, sys, time
+import string, sys, time, uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +50,7 @@ class Config:
     seed: int = flag(0, "seed of the tiny model's init, the data and the sampling")
     out: str = flag(None, "folder of the run's files and checkpoint/ [runs/<time>-<algo>-<model>]")
     resume: str = flag(None, "continue the run in this folder from its last checkpoint")
+    overwrite: bool = flag(False, "replace the run that --out holds (its files are deleted first)")
     steps: int = flag(None, "RL steps; 0 = only the warm-up and an evaluation [100 / 200]", check=">= 0")
     # --- the algorithm: Table 1's baselines are --algo values, Table 2's ablations flags
     algo: str = flag("egpo", "egpo | grpo | dapo | edge-grpo (Table 1)", "egpo grpo dapo edge-grpo")
@@ -467,7 +468,7 @@ def train(cfg: Config) -> dict:
     rng, noise_rng = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     policy, tokenizer = load_policy(cfg, device, resumed and resumed["path"])
     train_rows, train_prompts, evals = load_data(cfg, tokenizer, policy)
-    start_run(cfg, resumed, policy, device, train_rows, evals)
+    ref_model = reference_model(policy, tokenizer, cfg, device, resumed) if cfg.beta > 0 and resumed else None
     per_process = cfg.prompts_per_step // world_size
 
     def draw():  # this process's share of B prompts, their golds and sampling noise (the same on every process)
@@ -481,56 +482,20 @@ def train(cfg: Config) -> dict:
         return {k: v for prefix, (prompts, golds) in evals.items()
                 for k, v in evaluate(policy, tokenizer, prompts, golds, cfg, prefix).items()}
 
-    def checkpoint():
-        save_checkpoint(policy, tokenizer, optimizer, generator_states(rng, noise_rng, device), summary, cfg)
-
-    summary = resumed["summary"] if resumed else {"steps_done": 0}
-    saved, consistent, stop = summary["steps_done"] if resumed else None, False, []
-    try:  # from here on, Ctrl-C (or a crash) leaves the metrics, summary and last checkpoint
-        with open_logs(cfg, resumed) as (log, log_completions):
-            if cfg.sft_steps and not resumed:  # every process warms up alike; parallelize() copies rank 0's weights
-                summary["sft_steps_done"] = sft_warmup(policy, tokenizer, train_rows, train_prompts, cfg, rng)
-            ref_model = reference_model(policy, tokenizer, cfg, device, resumed) if cfg.beta > 0 else None
-            policy = parallelize(policy, cfg)
-            optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-            if resumed:
-                restore_training_state(optimizer, rng, noise_rng, resumed, device)
-            elif evals:
-                summary["before"] = evaluate_all()
-                write_summary(summary, cfg)
-            consistent = True  # the run's state is one a checkpoint can hold: not a step half done
-            bar = tqdm(range(summary["steps_done"] + 1, cfg.steps + 1), desc=cfg.algo, disable=rank > 0,
-                       initial=summary["steps_done"], total=cfg.steps)
-            with stop_after_step(stop):  # Ctrl-C or SIGTERM: stop after the current step
-                for step in bar:
-                    consistent = False
-                    batch = sample_batch(policy, tokenizer, draw, cfg)
-                    metrics = {"step": step, **rl_step(policy, ref_model, optimizer, batch, cfg)}
-                    log_completions(step, metrics.pop("completions", []))
-                    if evals and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                        metrics.update(evaluate_all())
-                        summary["after"] = {k: metrics[k] for k in summary["before"]}
-                    log(metrics)
-                    summary["steps_done"], consistent = step, True
-                    bar.set_postfix(acc=f"{metrics['acc']:.2f}", H=f"{metrics['entropy_mean']:.2f}",
-                                    auroc=f"{metrics['auroc_confidence']:.2f}")
-                    if cfg.save_every and step % cfg.save_every == 0:
-                        checkpoint()
-                        saved = step
-                    if step < cfg.steps and all_reduce(len(stop), device) > 0:  # all stop after the same step
-                        raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        summary["interrupted"] = True
-        if rank == 0:
-            print(f"\ninterrupted after {summary['steps_done']} RL steps", file=sys.stderr)
-    finally:
-        trained = summary["steps_done"] or "sft_steps_done" in summary  # an evaluation alone makes no model
-        try:  # no checkpoint after Ctrl-C twice ("at once")
-            if trained and consistent and saved != summary["steps_done"] and stop.count(signal.SIGINT) < 2:
-                checkpoint()
-        finally:
-            write_summary(summary, cfg)
-    return summary
+    with Run(cfg, resumed, rng, noise_rng, device) as run:  # the folder, logs, Ctrl-C, checkpoints, summary
+        print_start(cfg, device, policy, train_rows, evals)
+        if cfg.sft_steps and not resumed:  # every process warms up alike; parallelize() copies rank 0's weights
+            run.summary["sft_steps_done"] = sft_warmup(policy, tokenizer, train_rows, train_prompts, cfg, rng)
+        if cfg.beta > 0 and not resumed:
+            ref_model = reference_model(policy, tokenizer, cfg, device, resumed)
+        policy = parallelize(policy, cfg)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+        run.start(policy, tokenizer, optimizer, evals and evaluate_all)  # restored, or evaluated "before"
+        for step in run.steps():
+            batch = sample_batch(policy, tokenizer, draw, cfg)
+            metrics = rl_step(policy, ref_model, optimizer, batch, cfg)
+            run.end_step(step, metrics)  # logs, evaluation, checkpoint; after a Ctrl-C: the end
+    return run.summary
 
 
 # ==================================================================================================
@@ -666,8 +631,11 @@ def toy_problem(a: int, b: int) -> dict:
 
 def make_toy_task(digits: int, n_test: int, seed: int, n_max: int = 20_000) -> tuple[list, list]:
     """Seeded, disjoint train and test splits of `digits`-digit additions."""
-    lo, width = 10 ** (digits - 1), 9 * 10 ** (digits - 1)
-    picks = random.Random(seed).sample(range(width * width), min(width * width, n_max))
+    lo, width, rng = 10 ** (digits - 1), 9 * 10 ** (digits - 1), random.Random(seed)
+    if width * width <= sys.maxsize:
+        picks = rng.sample(range(width * width), min(width * width, n_max))
+    else:  # 10 digits and more: too many pairs for a range, and a repeat is all but impossible
+        picks = list(dict.fromkeys(rng.randrange(width * width) for _ in range(n_max)))
     rows = [toy_problem(lo + i // width, lo + i % width) for i in picks]
     return rows[n_test:], rows[:n_test]
 
@@ -741,7 +709,8 @@ def read_dataset(spec: str, split: str | None = None) -> list[dict]:
             why = (str(e.__cause__ or e).strip().splitlines() or ["?"])[0][:200]  # some errors have no message
             raise UserError(f"could not read {path} as {ext[1:]}: {why}") from None
     else:
-        print(f"loading {hub_id} ({split or hub_split}) from the hub or its local cache ...")
+        hub_answers(f"{hub_id} ({split or hub_split})", f"pass a local copy as {name}=FILE (its schema) or a "
+                                                          "file with question, answer columns")
         try:
             table = datasets.load_dataset(hub_id, config, split=split or hub_split)
         except Exception as e:
@@ -830,16 +799,18 @@ Qwen2.5-3B Qwen2.5-3B-Instruct Qwen2.5-7B Qwen2.5-7B-Instruct Qwen2.5-Math-1.5B 
 Qwen2.5-Math-1.5B-Instruct Qwen2.5-Math-7B-Instruct Qwen3-0.6B Qwen3-1.7B Qwen3-4B""".split()}
 
 def build_tiny_model(seed: int):
-    """A 0.14M-parameter Qwen2ForCausalLM (random init, TINY_CONFIG) and a character tokenizer, built here."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(TINY_VOCAB)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # a token per character
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        unk_token="<unk>", model_max_length=256)
+    """A 0.14M-parameter Qwen2ForCausalLM (random init, TINY_CONFIG) and a character tokenizer, built here:
+    Qwen2's own tokenizer class with a vocabulary of single characters and no merges, so that
+    AutoTokenizer reloads a saved one as the same tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+    tokenizer = Qwen2Tokenizer(vocab=tiny_vocabulary(), merges=[], unk_token="<unk>", eos_token="<eos>",
+                               pad_token="<pad>", model_max_length=256)
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG, bos_token_id=None)), tokenizer
+
+def tiny_vocabulary() -> dict[str, int]:
+    """TINY_VOCAB's ids, each character written as a byte-level tokenizer writes it (' ' as 'Ġ', '\\n' as 'Ċ')."""
+    return {chr(256 + ord(t)) if len(t) == 1 and ord(t) <= 32 else t: i for i, t in enumerate(TINY_VOCAB)}
 
 def is_tiny(model: str) -> bool:
     """'tiny', or a checkpoint of it: a folder whose config and tokenizer are build_tiny_model's."""
@@ -849,7 +820,7 @@ def is_tiny(model: str) -> bool:
             config, vocab = json.load(f), json.load(g)["model"].get("vocab")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return vocab == {t: i for i, t in enumerate(TINY_VOCAB)} and config.get("model_type") == "qwen2" and \
+    return vocab == tiny_vocabulary() and config.get("model_type") == "qwen2" and \
         all(config.get(k) == v for k, v in TINY_CONFIG.items())
 
 def load_policy(cfg: Config, device: torch.device, path: str | None = None):
@@ -861,11 +832,15 @@ def load_policy(cfg: Config, device: torch.device, path: str | None = None):
     else:
         name = path or ALIASES.get(cfg.model, cfg.model)
         if not os.path.isdir(name):
-            print(f"loading {name} from the hub or its local cache ...")
+            hub_answers(name, "pass a local path saved with save_pretrained, or run `python egpo.py` for the "
+                              "offline demo")
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # whatever the library raises: a damaged file, an unknown id, no network
+            if os.path.isdir(name):
+                raise UserError(f"could not load the model in {name}: {type(e).__name__}: "
+                                f"{(str(e).strip().splitlines() or ['?'])[0][:200]}") from None
             raise UserError(f"model {cfg.model!r} is not a local directory and could not be fetched from the hub "
                             f"({type(e).__name__}): pass a local path saved with save_pretrained, check the hub id "
                             "and the network, or run `python egpo.py` for the offline demo") from None
@@ -879,6 +854,18 @@ def load_policy(cfg: Config, device: torch.device, path: str | None = None):
     if cfg.gradient_checkpointing:  # transformers < 5.24 names it gradient_checkpointing_enable
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return Policy(model).to(device), tokenizer
+
+def hub_answers(what: str, otherwise: str):
+    """Before a download from the hub: say what, and stop at once if the hub does not answer (the
+    library would retry for about 25 s a file). HF_HUB_OFFLINE=1: the local cache only, no check."""
+    from huggingface_hub import constants, get_session
+    print(f"loading {what} from the hub or its local cache ...", flush=True)
+    if constants.HF_HUB_OFFLINE: return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=10)
+    except Exception as e:
+        raise UserError(f"the hub ({constants.ENDPOINT}) does not answer ({type(e).__name__}): with no network, "
+                        f"set HF_HUB_OFFLINE=1 to load {what} from the local cache, or {otherwise}") from None
 
 def end_of_turn_id(tokenizer) -> int | None:
     """The special token that closes an assistant turn (Qwen's <|im_end|>, Llama 3's <|eot_id|>)."""
@@ -1134,10 +1121,10 @@ def generator_states(rng: random.Random, noise_rng: torch.Generator, device) -> 
     return {"python": rng.getstate(), "noise": noise_rng.get_state(), "torch": torch.get_rng_state(),
             **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
 
-def save_checkpoint(policy, tokenizer, optimizer, generators: dict, summary: dict, cfg: Config):
+def save_checkpoint(policy, tokenizer, optimizer, generators: dict, summary: dict, cfg: Config, run_id: str):
     """checkpoint/: model and tokenizer (save_pretrained), AdamW's state (optimizer.pt, or each
     FSDP shard: optimizer-rank<r>.pt), every process's generators (rng.pt) and, last,
-    trainer_state.json (step, summary so far), which marks it complete. It is written as
+    trainer_state.json (step, summary so far, the run's id), which marks it complete. It is written as
     checkpoint.new/ and then swapped in: a kill at any moment leaves the previous one whole."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
@@ -1163,7 +1150,7 @@ def save_checkpoint(policy, tokenizer, optimizer, generators: dict, summary: dic
     if rank == 0:
         torch.save(generators, os.path.join(new, "rng.pt"))
         with open(os.path.join(new, "trainer_state.json"), "w") as f:
-            f.write(to_json({"step": summary["steps_done"], "algo": cfg.algo, "model": cfg.model,
+            f.write(to_json({"step": summary["steps_done"], "run_id": run_id, "algo": cfg.algo, "model": cfg.model,
                              "world_size": world_size, "summary": summary}, indent=2))
         if os.path.isdir(final):  # a checkpoint.old/ left by a kill is older than checkpoint/
             shutil.rmtree(old, ignore_errors=True)
@@ -1192,9 +1179,15 @@ def resume_point(cfg: Config, world_size: int) -> dict | None:
     plain values only, weights_only=True) before anything in the folder changes."""
     if not cfg.resume: return None
     resumed, rank = last_checkpoint(cfg.resume), rank_and_world_size()[0]
-    if (resumed["algo"], resumed["model"]) != (cfg.algo, cfg.model):
-        raise UserError(f"{resumed['path']} was written by --algo {resumed['algo']} --model {resumed['model']}, "
-                        f"but the run's config.json says --algo {cfg.algo} --model {cfg.model}: they are not one run")
+    with open(os.path.join(cfg.resume, "config.json")) as f:
+        run_id = json.load(f).get("run_id")
+    if resumed.get("run_id") != run_id or run_id is None:  # the checkpoint proves it is this run's
+        raise UserError(f"{resumed['path']} is not the checkpoint of the run in {cfg.resume}/config.json (run id "
+                        f"{resumed.get('run_id')}, not {run_id}): it cannot be resumed; to train its weights "
+                        f"further, start a new run with --model {resumed['path']}")
+    if cfg.beta > 0 and not os.path.isfile(os.path.join(cfg.resume, "reference", "config.json")):
+        raise UserError(f"{cfg.resume}/reference/, the frozen initial policy of --beta {cfg.beta}, is missing: "
+                        "the run cannot be resumed without it")
     if resumed["world_size"] != world_size:
         raise UserError(f"{cfg.resume} ran on {resumed['world_size']} process(es): resume it on as many "
                         f"(torchrun --nproc_per_node {resumed['world_size']})")
@@ -1209,7 +1202,8 @@ def resume_point(cfg: Config, world_size: int) -> dict | None:
         raise UserError(f"{resumed['path']}: {' or '.join(files)} is missing, damaged or holds more than tensors "
                         f"and plain values ({type(e).__name__}): not loaded") from None
     resumed["generators"] = generators[rank]
-    resumed["summary"].pop("interrupted", None)
+    for key in ("interrupted", "checkpoint_error", "last_checkpoint"):
+        resumed["summary"].pop(key, None)
     return resumed
 
 def restore_training_state(optimizer, rng, noise_rng, resumed: dict, device):
@@ -1230,30 +1224,134 @@ def restore_training_state(optimizer, rng, noise_rng, resumed: dict, device):
     if "cuda" in generators:
         torch.cuda.set_rng_state(generators["cuda"], device)
 
-@contextlib.contextmanager
-def stop_after_step(stop: list):
-    """Ctrl-C or SIGTERM (a scheduler's, torchrun's): stop after the current step, so that a
-    checkpoint never holds a step half done. Ctrl-C twice: at once, without a checkpoint."""
-    def handle(signum, _):
-        if signum == signal.SIGINT and signal.SIGINT in stop:
-            stop.append(signum)
+RUN_FILES = ("config.json", "metrics.jsonl", "completions.jsonl", "summary.json", "checkpoint", "checkpoint.new",
+             "checkpoint.old", "reference")  # what a run writes in its folder: --overwrite deletes these
+
+class Run:
+    """All of a run but the algorithm: its folder and config.json, metrics.jsonl and completions.jsonl,
+    evaluations and checkpoints between steps, Ctrl-C and SIGTERM, summary.json. Before the RL steps
+    Ctrl-C or SIGTERM stops at once; from the first step on, after the current step and its checkpoint,
+    and the last checkpoint is written through one more (Ctrl-C twice: at once, without a checkpoint).
+    A crash or a stop leaves the metrics, summary.json and the last checkpoint."""
+
+    def __init__(self, cfg: Config, resumed: dict | None, rng, noise_rng, device):
+        self.cfg, self.resumed, self.rng, self.noise_rng, self.device = cfg, resumed, rng, noise_rng, device
+        self.summary = resumed["summary"] if resumed else {"steps_done": 0}
+        if "after" in self.summary:  # the step of the evaluation "after", written where it is not the last one
+            self.summary.setdefault("after_step", self.summary["steps_done"])
+        self.saved = self.summary["steps_done"] if resumed else None  # the step in checkpoint/
+        self.consistent = False  # True between steps: the state is one a checkpoint can hold
+        self.phase, self.signals, self.rank0 = "setup", [], rank_and_world_size()[0] == 0
+
+    def __enter__(self):
+        self.run_id = start_run(self.cfg, self.resumed)
+        self.handlers = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.metrics_file, self.completions_file = open_logs(self.cfg, self.resumed)
+        return self
+
+    def on_signal(self, signum, _):
+        twice = signum == signal.SIGINT and signal.SIGINT in self.signals
+        self.signals.append(signum)
+        if self.phase == "setup" or twice:  # at once
             raise KeyboardInterrupt
-        if not stop:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again: at once, without a "
-                  "checkpoint)", file=sys.stderr)
-        stop.append(signum)
+        if len(self.signals) == 1 and self.rank0:
+            then = "after this step" if self.phase == "steps" else "once the last checkpoint is written"
+            print(f"\n{signal.Signals(signum).name}: stopping {then} (Ctrl-C again: at once, without a checkpoint)",
+                  file=sys.stderr)
 
-    handlers = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    def start(self, policy, tokenizer, optimizer, evaluate):
+        """Before the first RL step: a resumed run's optimizer and generators, or the evaluation "before"."""
+        self.policy, self.tokenizer, self.optimizer, self.evaluate = policy, tokenizer, optimizer, evaluate
+        if self.resumed:
+            restore_training_state(optimizer, self.rng, self.noise_rng, self.resumed, self.device)
+        elif evaluate:
+            self.summary["before"] = evaluate()
+            self.write_summary()
+        self.consistent, self.phase = True, "steps"
 
-@contextlib.contextmanager
+    def steps(self):
+        done, total = self.summary["steps_done"], self.cfg.steps
+        self.bar = tqdm(range(done + 1, total + 1), desc=self.cfg.algo, disable=not self.rank0, initial=done,
+                        total=total)
+        for step in self.bar:
+            self.consistent = False
+            yield step
+
+    def end_step(self, step: int, metrics: dict):
+        """The step's evaluation (every --eval-every steps and the last), logs and checkpoint (every
+        --save-every steps); then, after a Ctrl-C or SIGTERM on any process, the end of the run."""
+        cfg, completions = self.cfg, metrics.pop("completions", [])
+        if self.evaluate and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            metrics.update(self.evaluate())
+            self.summary["after"] = {k: metrics[k] for k in self.summary["before"]}
+            self.summary["after_step"] = step
+        self.metrics_file.write(to_json({"step": step, **metrics}) + "\n")
+        self.completions_file.writelines(to_json({"step": step, **row}) + "\n" for row in completions)
+        for f in (self.metrics_file, self.completions_file):
+            f.flush()
+        self.summary["steps_done"], self.consistent = step, True
+        self.bar.set_postfix(acc=f"{metrics['acc']:.2f}", H=f"{metrics['entropy_mean']:.2f}",
+                             auroc=f"{metrics['auroc_confidence']:.2f}")
+        if cfg.save_every and step % cfg.save_every == 0:
+            self.save()
+        if step < cfg.steps and all_reduce(len(self.signals), self.device) > 0:  # all stop after the same step
+            raise KeyboardInterrupt
+
+    def save(self):
+        """checkpoint/ of this step; if that fails, summary.json says so and names the checkpoint left."""
+        try:
+            save_checkpoint(self.policy, self.tokenizer, self.optimizer,
+                            generator_states(self.rng, self.noise_rng, self.device), self.written_summary(),
+                            self.cfg, self.run_id)
+            self.saved = self.summary["steps_done"]
+        except BaseException as e:
+            self.saved = "failed"
+            self.summary["checkpoint_error"] = f"step {self.summary['steps_done']}: {type(e).__name__} {e}".strip()
+            try:
+                self.summary["last_checkpoint"] = {"path": (last := last_checkpoint(self.cfg.out))["path"],
+                                                   "step": last["step"]}
+            except UserError:
+                self.summary["last_checkpoint"] = None
+            if isinstance(e, KeyboardInterrupt): raise
+            left = self.summary["last_checkpoint"]
+            raise UserError(f"could not write {self.cfg.out}/checkpoint/ ({self.summary['checkpoint_error']}); "
+                            + (f"{left['path']} holds step {left['step']}" if left else "no checkpoint exists")
+                            ) from None
+
+    def __exit__(self, kind, error, traceback):
+        interrupted = kind is KeyboardInterrupt
+        try:
+            trained = self.summary["steps_done"] or "sft_steps_done" in self.summary  # an evaluation alone: no model
+            if interrupted:
+                self.summary["interrupted"] = True
+                if self.rank0:
+                    print(f"\ninterrupted after {self.summary['steps_done']} RL steps", file=sys.stderr)
+            if trained and self.consistent and self.saved not in (self.summary["steps_done"], "failed") \
+                    and self.signals.count(signal.SIGINT) < 2:
+                self.phase = "saving"
+                self.save()
+        except KeyboardInterrupt:  # Ctrl-C twice while the last checkpoint was written
+            interrupted = self.summary["interrupted"] = True
+        finally:
+            self.write_summary()
+            for sig, handler in self.handlers.items():
+                signal.signal(sig, handler)
+            self.metrics_file.close()
+            self.completions_file.close()
+        return interrupted  # handled: train() returns the summary, and main() exits with 130
+
+    def written_summary(self) -> dict:
+        """summary.json: "after_step" only where the evaluation "after" is not of the last step done."""
+        return {k: v for k, v in self.summary.items()
+                if k != "after_step" or v != self.summary["steps_done"]}
+
+    def write_summary(self):
+        if self.rank0:
+            write_json(os.path.join(self.cfg.out, "summary.json"), self.written_summary())
+
 def open_logs(cfg: Config, resumed: dict | None):
-    """Writers of metrics.jsonl and completions.jsonl (rank 0). A resumed run drops their lines after
-    its checkpoint (and a line cut off by a kill), then appends."""
+    """metrics.jsonl and completions.jsonl, open to append (rank 0; os.devnull elsewhere). A resumed
+    run drops their lines after its checkpoint (and a line cut off by a kill)."""
     rank0 = rank_and_world_size()[0] == 0
     paths = [os.path.join(cfg.out, name) if rank0 and (name == "metrics.jsonl" or cfg.log_completions)
              else os.devnull for name in ("metrics.jsonl", "completions.jsonl")]
@@ -1264,15 +1362,7 @@ def open_logs(cfg: Config, resumed: dict | None):
             with open(path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
-    with open(paths[0], "a" if resumed else "w") as metrics, open(paths[1], "a" if resumed else "w") as completions:
-        def log(record):
-            metrics.write(to_json(record) + "\n")
-            metrics.flush()
-
-        def log_completions(step, rows):
-            completions.writelines(to_json({"step": step, **row}) + "\n" for row in rows)
-            completions.flush()
-        yield log, log_completions
+    return [open(path, "a" if resumed else "w") for path in paths]
 
 def _step_of(line: str) -> float:
     try:
@@ -1308,7 +1398,9 @@ def resolve(cfg: Config) -> Config:
     if cfg.bf16 and cfg.device != "cuda":
         raise UserError(f"--bf16 autocasts on CUDA only, and this run is on --device {cfg.device}: drop --bf16")
     if cfg.bf16 is None:  # config.json records what is in effect
-        cfg.bf16 = cfg.device == "cuda" and not tiny
+        cfg.bf16 = cfg.device == "cuda" and not tiny and torch.cuda.is_bf16_supported(including_emulation=False)
+        if cfg.device == "cuda" and not tiny and not cfg.bf16:  # a T4 or V100: bf16 would be emulated, slowly
+            print("egpo: this GPU has no native bf16: training in fp32 (--bf16 forces bf16 autocast)")
     if cfg.sft_steps is None:  # a checkpoint of the tiny model is warmed up already
         cfg.sft_steps = 500 * cfg.toy_digits if cfg.model == "tiny" and cfg.dataset == "toy" else 0
     paper = {"eval_temperature": ("temperature", 0.6), "eval_top_p": ("top_p", 0.95), "eval_top_k": ("top_k", 20),
@@ -1334,12 +1426,31 @@ def resolve(cfg: Config) -> Config:
             raise UserError(f"{name} must be {'in ' * (check[0] in '([')}{check} (got {value}): {f.metadata['help']}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available here: use --device cpu (or auto)")
+    if not cfg.resume and int(os.environ.get("RANK", 0)) == 0:  # under torchrun rank 0 owns the folder
+        check_run_folder(cfg)
     return cfg
+
+def check_run_folder(cfg: Config):
+    """A new run's --out (by default a new runs/<time>-<algo>-<model>): a folder that holds no run
+    (or, with --overwrite, one whose run may go) and that can be created. Nothing is written yet."""
+    if cfg.out is None:
+        name = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.algo}-" + os.path.basename(
+            cfg.model.rstrip("/")))
+        cfg.out = next(out for i in range(1, 10 ** 6) if not os.path.exists(out := name + f"-{i}" * (i > 1)))
+    held = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out, name))]
+    if held and not cfg.overwrite:
+        raise UserError(f"--out {cfg.out} holds a run already ({', '.join(held)}): continue it with --resume "
+                        f"{cfg.out}, choose another --out, or replace it with --overwrite")
+    parent = cfg.out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent) or "."
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"--out {cfg.out}: {parent} is not a folder this run can write in: choose another --out")
 
 def parse_args(argv=None) -> Config:
     """The command line as a Config; with --resume RUN, RUN's config.json, where only RESUMABLE
     flags may take another value."""
-    parser = argparse.ArgumentParser(prog="egpo.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="egpo.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      argument_default=argparse.SUPPRESS)  # a flag not given is left out
     for f in dataclasses.fields(Config):
         name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
@@ -1351,23 +1462,28 @@ def parse_args(argv=None) -> Config:
             parser.add_argument(name, type=f.type, choices=f.metadata["choices"], help=help)
     given = vars(parser.parse_args(argv))
     if not given.get("resume"): return Config(**given)
-    if given.keys() & {"model", "out"}:
-        raise UserError(f"--{min(given.keys() & {'model', 'out'})}: --resume continues the run's own model in its "
-                        "own folder; drop it")
+    if given.keys() & {"model", "out", "overwrite"}:
+        raise UserError(f"--{min(given.keys() & {'model', 'out', 'overwrite'})}: --resume continues the run's own "
+                        "model in its own folder; drop it")
+    run = given["resume"]
+    if os.path.isfile(os.path.join(run, "trainer_state.json")):  # RUN/checkpoint: the run is RUN
+        run = os.path.dirname(os.path.normpath(run)) or "."
     try:
-        with open(os.path.join(given["resume"], "config.json")) as f:
+        with open(os.path.join(run, "config.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError):
-        raise UserError(f"--resume {given['resume']}: not a run folder (no readable config.json); pass the --out "
+        raise UserError(f"--resume {run}: not a run folder (no readable config.json); pass the --out "
                         "folder of a run") from None
+    if given.get("device") == "auto":  # the run's device, as auto chose it then
+        given["device"] = saved.get("device")
     changed = sorted(k for k in given.keys() - {"resume", *RESUMABLE} if given[k] != saved.get(k))
     if changed:
         name, k = "--" + changed[0].replace("_", "-"), changed[0]
         raise UserError(f"{name} {given[k]} differs from the run's {name} {saved.get(k)}: a resumed run "
                         "keeps its config; only --steps and --save-every may change")
     kept = {f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved}
-    return Config(**{**kept, **{k: given[k] for k in RESUMABLE if k in given}, "resume": given["resume"],
-                     "out": given["resume"]})
+    return Config(**{**kept, **{k: given[k] for k in RESUMABLE if k in given}, "resume": run, "out": run,
+                     "overwrite": False})
 
 def to_json(x, **kwargs) -> str:
     """json.dumps with every NaN or infinity written as null: NaN is not JSON (jq, JavaScript)."""
@@ -1377,27 +1493,39 @@ def to_json(x, **kwargs) -> str:
             [finite(v) for v in x] if isinstance(x, list) else x
     return json.dumps(finite(x), allow_nan=False, **kwargs)
 
-def write_summary(summary: dict, cfg: Config):
-    if rank_and_world_size()[0] == 0:
-        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-            f.write(to_json(summary, indent=2))
+def write_json(path: str, x):
+    """`x` as JSON in `path`, whole or not at all: written to path.tmp, then renamed."""
+    with open(path + ".tmp", "w") as f:
+        f.write(to_json(x, indent=2))
+    os.replace(path + ".tmp", path)
 
-def start_run(cfg: Config, resumed: dict | None, policy, device, train_rows: list, evals: dict):
-    """Rank 0: the run folder, config.json (a resumed run keeps its own) and a line on what runs."""
+def start_run(cfg: Config, resumed: dict | None) -> str | None:
+    """Rank 0: the run folder (--overwrite: the old run's files deleted first) and config.json with a
+    new run id (a resumed run keeps its config and id, and records the command). Returns the run id."""
     rank, world_size = rank_and_world_size()
-    cfg.out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.algo}-"
-                                      + os.path.basename(cfg.model.rstrip("/")))
-    if rank > 0: return
-    os.makedirs(cfg.out, exist_ok=True)
-    config = {**dataclasses.asdict(cfg), "world_size": world_size, "torch": torch.__version__,
-              "command": " ".join(sys.argv)}
+    cfg.out = all_gather_objects([cfg.out])[0]  # rank 0's: a default name may differ by a second
+    if rank > 0: return None
+    for name in RUN_FILES if cfg.overwrite else ():
+        path = os.path.join(cfg.out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {cfg.out}: cannot create the run folder ({e.strerror}): choose another --out") from None
+    config = {**dataclasses.asdict(cfg), "run_id": uuid.uuid4().hex, "world_size": world_size,
+              "torch": torch.__version__, "command": " ".join(sys.argv)}
     if resumed:
         with open(os.path.join(cfg.out, "config.json")) as f:
             saved = json.load(f)
-        config = {**saved, **{k: config[k] for k in RESUMABLE + ("resume",)},
+        config = {**saved, **{k: config[k] for k in RESUMABLE + ("resume", "out")},
                   "resumed": saved.get("resumed", []) + [config["command"]]}
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        f.write(to_json(config, indent=2))
+    write_json(os.path.join(cfg.out, "config.json"), config)
+    return config["run_id"]
+
+def print_start(cfg: Config, device, policy, train_rows: list, evals: dict):
+    """A line on what runs, and where its files go."""
+    rank, world_size = rank_and_world_size()
+    if rank > 0: return
     method = f"egpo (calibration {cfg.calibration}, nsr {cfg.nsr}, renorm {cfg.renorm})" if cfg.algo == "egpo" \
         else cfg.algo
     print(f"egpo: {method} on {cfg.model} / {cfg.dataset}, {device}"
@@ -1410,7 +1538,8 @@ def print_summary(summary: dict, cfg: Config):
     """One table per evaluation (before and after RL), a row per benchmark."""
     if "sft_steps_done" in summary:
         print(f"\nwarm-up: {summary['sft_steps_done']} supervised steps")
-    for stage, title in [("before", "before RL"), ("after", f"after {summary['steps_done']} RL steps")]:
+    after = summary.get("after_step", summary["steps_done"])  # a stopped run: its last evaluation
+    for stage, title in [("before", "before RL"), ("after", f"after {after} RL steps")]:
         if stage not in summary: continue
         r = summary[stage]
         print(f"\n{title:24s} {'greedy':>7s} {f'pass@1 ± s.e. (k={cfg.eval_samples})':>19s} {'truncated':>9s} "
@@ -1422,6 +1551,10 @@ def print_summary(summary: dict, cfg: Config):
                   f"{x['eval_entropy_correct']:7.3f} {x['eval_entropy_incorrect']:7.3f}")
     files = "metrics.jsonl, " + "completions.jsonl, " * cfg.log_completions + "config.json, summary.json"
     saved = f" and the model in {cfg.out}/checkpoint/" if os.path.isdir(os.path.join(cfg.out, "checkpoint")) else ""
+    if "checkpoint_error" in summary:
+        left = summary["last_checkpoint"]
+        saved = f"; the checkpoint of step {summary['steps_done']} was not written" + \
+            (f": {left['path']} holds step {left['step']}" if left else ", and there is none")
     print(f"\nwrote {cfg.out}/{files}{saved}")
 
 def main(argv=None):
@@ -1433,6 +1566,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C while the model or the data loaded: no run was started
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     # torchrun: the models went with train(); free them now, before their process group (collected at exit,
     # they can abort its teardown under gloo)
     if torch.distributed.is_initialized():

@@ -1389,8 +1389,10 @@ def test_resume_refuses_bad_input_with_one_line_and_changes_nothing(in_one_go, t
         assert files() == before
     expect_user_error(["--resume", str(tmp_path / "nowhere")], capsys, "not a run folder")
     checkpoint, config = run / "checkpoint", read_json(run / "config.json")
-    (run / "config.json").write_text(json.dumps({**config, "algo": "grpo"}))  # another run's config
-    expect_user_error(["--resume", str(run), "--steps", "4"], capsys, "written by --algo egpo", "not one run")
+    for other in ({**config, "run_id": "another run"}, {k: v for k, v in config.items() if k != "run_id"}):
+        (run / "config.json").write_text(json.dumps(other))  # another run's config, or a config without an id
+        expect_user_error(["--resume", str(run), "--steps", "4"], capsys, "is not the checkpoint of the run",
+                          f"--model {checkpoint}")
     (run / "config.json").write_text(json.dumps(config))
 
     class RunsCode:  # what a malicious pickle does when it is loaded without weights_only=True
@@ -1450,6 +1452,200 @@ def test_an_empty_resume_starts_a_new_run(tmp_path, monkeypatch):
     assert cfg.resume == "" and cfg.out is None and cfg.steps == 3 and cfg.model == "tiny"
 
 
+# ---------------------------------------------------------------- a run folder belongs to one run
+def folder_files(folder):
+    return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run_and_overwrite_replaces_it_whole(in_one_go, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(in_one_go(), run)
+    before = folder_files(run)
+    expect_user_error(QUICK + ["--seed", "1", "--out", str(run)], capsys, "holds a run already", f"--resume {run}",
+                      "--overwrite")
+    assert folder_files(run) == before
+    (run / "notes.txt").write_text("mine")  # not a run's file: kept
+    egpo.main(QUICK + ["--seed", "1", "--overwrite", "--out", str(run)])
+    config = read_json(run / "config.json")
+    assert config["seed"] == 1 and config["run_id"] != json.loads(before[run / "config.json"])["run_id"]
+    assert not (run / "completions.jsonl").exists()  # the old run's, which this one does not write
+    assert [r["step"] for r in read_metrics(run)] == [1, 2] and (run / "notes.txt").read_text() == "mine"
+    assert read_json(run / "checkpoint" / "trainer_state.json")["run_id"] == config["run_id"]
+
+
+def test_a_checkpoint_of_another_run_is_never_resumed(in_one_go, tmp_path, monkeypatch, capsys):
+    """A run stopped in its warm-up, before any checkpoint: another run's checkpoint put in its folder
+    is refused by --resume, and the stopped run names no checkpoint as its own."""
+    def stop_in_warmup(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(egpo, "sft_warmup", stop_in_warmup)
+    with pytest.raises(SystemExit) as e:
+        egpo.main(LONG + ["--lr", "0.01", "--out", str(tmp_path)])
+    assert e.value.code == 130 and read_json(tmp_path / "summary.json")["interrupted"]
+    assert "model in" not in capsys.readouterr().out
+    shutil.copytree(in_one_go() / "checkpoint", tmp_path / "checkpoint")
+    expect_user_error(["--resume", str(tmp_path)], capsys, "is not the checkpoint of the run")
+
+
+def test_the_last_checkpoint_is_written_through_one_ctrl_c_and_given_up_at_two(tmp_path):
+    """SIGINT (a real one) as the end-of-run save starts: the run still ends with its checkpoint and
+    is not interrupted. Twice: it stops at once, and summary.json says which checkpoint is left."""
+    ctrl_c_in_last_save = (  # a checkpoint's first torch.save writes optimizer.pt: step 2's, then step 3's
+        "import os, signal, sys, torch, egpo\n"
+        "times, saves, save = int(sys.argv.pop(1)), [], torch.save\n"
+        "def save_after_ctrl_c(obj, path, *args, **kwargs):\n"
+        "    saves.append(str(path).endswith('optimizer.pt'))\n"
+        "    if saves[-1] and sum(saves) == 2:\n"
+        "        for _ in range(times):\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return save(obj, path, *args, **kwargs)\n"
+        "torch.save = save_after_ctrl_c\n"
+        "egpo.main(sys.argv[1:])\n")
+    for times in (1, 2):
+        out = tmp_path / f"ctrl-c-{times}"
+        p = subprocess.run([sys.executable, "-c", ctrl_c_in_last_save, str(times), *LONG, "--save-every", "2",
+                            "--out", str(out)], cwd=HERE, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        summary, state = read_json(out / "summary.json"), read_json(out / "checkpoint" / "trainer_state.json")
+        assert summary["steps_done"] == 3 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        if times == 1:
+            assert p.returncode == 0 and "interrupted" not in summary and state["step"] == 3
+            assert "stopping once the last checkpoint is written" in p.stderr
+        else:
+            assert p.returncode == 130 and summary["interrupted"] and state["step"] == 2
+            assert summary["checkpoint_error"].startswith("step 3: KeyboardInterrupt")
+            assert summary["last_checkpoint"] == {"path": str(out / "checkpoint"), "step": 2}
+            assert "checkpoint of step 3 was not written" in p.stdout
+
+
+def test_a_failed_save_is_one_line_and_summary_json_names_the_checkpoint_left(tmp_path, monkeypatch, capsys):
+    real_save, saves = torch.save, []
+
+    def disk_full_at_the_second_save(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 3:  # optimizer.pt of step 2 (each checkpoint: optimizer.pt, rng.pt)
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_the_second_save)
+    with pytest.raises(SystemExit) as e:
+        egpo.main(LONG + ["--save-every", "1", "--out", str(tmp_path)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert e.value.code == 2 and last.startswith("error: could not write"), last
+    assert "No space left on device" in last and "holds step 1" in last
+    summary = read_json(tmp_path / "summary.json")
+    assert summary["steps_done"] == 2 and summary["last_checkpoint"]["step"] == 1
+    assert read_json(tmp_path / "checkpoint" / "trainer_state.json")["step"] == 1
+
+
+def test_config_and_summary_are_written_whole_or_not_at_all(in_one_go, tmp_path):
+    """A file-size limit (as a full disk) stops a resumed run while it rewrites config.json: the
+    run's config.json and summary.json are left as they were, and the run resumes later."""
+    resource = pytest.importorskip("resource")
+    run = tmp_path / "run"
+    shutil.copytree(in_one_go(), run)
+    config, summary = (run / "config.json").read_bytes(), (run / "summary.json").read_bytes()
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    p = subprocess.run([sys.executable, str(HERE / "egpo.py"), "--resume", str(run), "--steps", "4"], cwd=HERE,
+                       capture_output=True, text=True, timeout=300, preexec_fn=small_files,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode != 0 and len(config) > 1024
+    assert (run / "config.json").read_bytes() == config and (run / "summary.json").read_bytes() == summary
+    egpo.main(["--resume", str(run), "--steps", "4"])
+    assert read_json(run / "summary.json")["steps_done"] == 4
+
+
+def test_the_tiny_tokenizer_survives_save_and_reload(tmp_path):
+    from transformers import AutoTokenizer
+
+    model, tok = egpo.build_tiny_model(0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Question: 12+30=\nPlease reason.\nAnswer: 8 #### 85 " + "".join(egpo.TINY_VOCAB[3:])
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text) and again(text)["input_ids"] == ids  # a token per character
+    assert again.decode(ids) == tok.decode(ids) == text
+    assert egpo.is_tiny(str(tmp_path))
+
+
+def test_a_toy_task_of_ten_digits_and_more():
+    tr, te = egpo.make_toy_task(12, 5, seed=0)  # more pairs than a range can hold
+    assert len(te) == 5 and len({r["question"] for r in tr + te}) == len(tr) + len(te)
+    assert all(egpo.verify(r["solution"], r["answer"]) == 1 for r in te)
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    expect_user_error(["--out", str(tmp_path / "file" / "run")], capsys, "is not a folder this run can write in")
+
+
+def test_a_flag_is_never_abbreviated():
+    with pytest.raises(SystemExit):
+        egpo.parse_args(["--step", "0"])  # --step is not --steps
+
+
+def test_resume_takes_its_checkpoint_folder_and_auto_device_and_records_a_moved_folder(in_one_go, tmp_path):
+    run = tmp_path / "moved"
+    shutil.copytree(in_one_go(), run)
+    cfg = egpo.parse_args(["--resume", str(run / "checkpoint"), "--device", "auto", "--steps", "4"])
+    assert (cfg.resume, cfg.out, cfg.device, cfg.steps) == (str(run), str(run), "cpu", 4)
+    egpo.main(["--resume", str(run / "checkpoint"), "--steps", "4"])
+    assert read_json(run / "config.json")["out"] == str(run)
+
+
+def test_a_damaged_checkpoint_or_a_missing_reference_is_one_line_and_changes_nothing(in_one_go, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(in_one_go("--beta", "0.1"), run)
+    shutil.move(run / "reference", tmp_path / "reference")
+    before = folder_files(run)
+    expect_user_error(["--resume", str(run), "--steps", "4"], capsys, "reference/", "is missing")
+    assert folder_files(run) == before
+    shutil.move(tmp_path / "reference", run / "reference")
+    weights = run / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut off
+    before = folder_files(run)
+    expect_user_error(["--resume", str(run), "--steps", "4"], capsys, "could not load the model in")
+    expect_user_error(["--model", str(run / "checkpoint"), "--out", str(tmp_path / "new")], capsys,
+                      "could not load the model in")
+    assert folder_files(run) == before and not (tmp_path / "new").exists()
+
+
+def test_an_early_evaluation_is_named_by_its_step(tmp_path, monkeypatch, capsys):
+    """Stopped after step 3 with --eval-every 2: "after" is the evaluation of step 2, and says so."""
+    send_sigint_in_rl_step(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        egpo.main(QUICK + ["--steps", "5", "--eval-every", "2", "--out", str(tmp_path)])
+    summary = read_json(tmp_path / "summary.json")
+    assert (summary["steps_done"], summary["after_step"]) == (3, 2)
+    assert summary["after"]["eval_acc"] == read_metrics(tmp_path)[1]["eval_acc"]
+    assert "after 2 RL steps" in capsys.readouterr().out
+
+
+def test_sigterm_before_the_rl_steps_leaves_a_summary(tmp_path):
+    stop_in_warmup = ("import os, signal, sys, egpo\n"
+                      "egpo.sft_warmup = lambda *args: os.kill(os.getpid(), signal.SIGTERM)\n"
+                      "egpo.main(sys.argv[1:])\n")
+    p = subprocess.run([sys.executable, "-c", stop_in_warmup, *QUICK, "--out", str(tmp_path)], cwd=HERE,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert read_json(tmp_path / "summary.json") == {"steps_done": 0, "interrupted": True}
+
+
+def test_an_unreachable_hub_is_one_line_at_once_and_names_hf_hub_offline(tmp_path):
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on port 9
+    for flags in (["--model", "Qwen2.5-0.5B"], ["--dataset", "gsm8k"]):
+        p = run_cli(*flags, "--out", str(tmp_path / "run"), env=env, timeout=300)
+        err = p.stderr.strip()
+        assert p.returncode == 2 and err.startswith("error: ") and "\n" not in err, err
+        assert "does not answer" in err and "HF_HUB_OFFLINE=1" in err and "loading " in p.stdout, err
+
+
 def test_help_documents_every_flag_of_the_spec(capsys):
     with pytest.raises(SystemExit) as e:
         egpo.parse_args(["--help"])
@@ -1469,6 +1665,7 @@ def test_auto_device_and_bf16(cuda, monkeypatch):
     """The tiny demo runs on the CPU in fp32 (its README numbers are CPU numbers); a real model
     goes to CUDA when there is one, with bf16 autocast unless --no-bf16."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda)
     tiny = egpo.resolve(egpo.parse_args([]))
     assert (tiny.device, tiny.bf16) == ("cpu", False)
     real = egpo.resolve(egpo.parse_args(["--model", "some/model"]))
@@ -1476,6 +1673,18 @@ def test_auto_device_and_bf16(cuda, monkeypatch):
     assert egpo.resolve(egpo.parse_args(["--model", "some/model", "--no-bf16"])).bf16 is False
     if cuda:
         assert egpo.resolve(egpo.parse_args(["--bf16", "--device", "cuda"])).bf16 is True
+
+
+def test_a_gpu_without_native_bf16_trains_in_fp32_and_says_so(monkeypatch, capsys):
+    """A T4 (Colab's free tier) emulates bf16: auto chooses fp32 there, with a notice; --bf16 still forces it."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or including_emulation)  # emulated only
+    cfg = egpo.resolve(egpo.parse_args(["--model", "some/model"]))
+    assert (cfg.device, cfg.bf16, asked) == ("cuda", False, [False])
+    assert "no native bf16" in capsys.readouterr().out
+    assert egpo.resolve(egpo.parse_args(["--model", "some/model", "--bf16"])).bf16 is True
 
 
 # ---------------------------------------------------------------- torchrun: DDP and FSDP on CPU (gloo)
@@ -1613,6 +1822,17 @@ def test_dapo_under_torchrun_and_ctrl_c_on_one_process_stops_both_and_saves(tmp_
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").config.model_type == "qwen2"
     assert all(r["groups_sampled"] in (4, 8) for r in records)  # B = 4 groups, at most 2 rounds
     assert all(r["groups_all_correct"] + r["groups_all_wrong"] + r["groups_mixed"] == 4 for r in records)
+    # resumed, then SIGTERM to every process (as torchrun and schedulers send it): one line says so
+    proc = subprocess.Popen(cmd[:6] + ["--resume", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(metrics.read_text().splitlines()) < len(records) + 2:
+        time.sleep(0.2)
+    for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+        os.kill(int(pid), signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert err.count("SIGTERM: stopping after this step") == 1, err[-2000:]
+    assert read_json(tmp_path / "summary.json")["steps_done"] > len(records)
 
 
 def test_torchrun_errors(capsys, monkeypatch, tmp_path):
@@ -1623,6 +1843,7 @@ def test_torchrun_errors(capsys, monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------- errors: one line, exit code 2
 def expect_user_error(argv, capsys, *words):
+    capsys.readouterr()  # what came before
     with pytest.raises(SystemExit) as e:
         egpo.main(argv)
     err = capsys.readouterr().err.strip()
@@ -1746,6 +1967,11 @@ def test_table_study_script_reports_the_runs_means_and_paired_differences(tmp_pa
     script("table_study").main(small)  # every run is complete: none runs again
     out = capsys.readouterr().out
     assert "2 runs reused, 0 to run" in out and "4 runs reused, 0 to run" in out
+    shutil.rmtree(tmp_path / "warm-s1" / "checkpoint")  # a warm-up without its checkpoint is not done
+    assert not script("table_study").done(str(tmp_path / "warm-s1"), 0, checkpoint=True)
+    assert script("table_study").done(str(tmp_path / "warm-s0"), 0, checkpoint=True)
+    script("table_study").main(small)
+    assert "1 runs reused, 1 to run" in capsys.readouterr().out and (tmp_path / "warm-s1" / "checkpoint").is_dir()
 
 
 def test_sampler_benchmark_script(capsys):

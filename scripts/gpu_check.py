@@ -66,7 +66,7 @@ def main(argv=None):
         return
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__}
     run = ["--model", path, "--dataset", "toy", "--device", args.device, "--max-new-tokens", str(args.new_tokens),
-           "--eval-size", "0"]
+           "--eval-size", "0", "--overwrite"]
     quiet_main(run + ["--steps", str(args.steps), "--out", os.path.join(args.out, "straight")])
     with open(os.path.join(args.out, "straight", "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f][1:] or None  # step 1 includes CUDA's warm-up

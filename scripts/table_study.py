@@ -9,8 +9,9 @@ table gives each method's mean over the seeds after RL and its paired difference
     python scripts/table_study.py --seeds 20 --methods "GRPO,EGPO,no NSR"
     python scripts/table_study.py --seeds 20 --methods "no NSR,EGPO" --baseline "no NSR"   # NSR's effect
 
-Runs go to --out (runs/table); a run whose summary.json is complete is reused, not run again, so a
-second command that shares seeds and methods with the first costs only the new runs.
+Runs go to --out (runs/table); a run that is complete (its summary.json, and a warm-up's checkpoint) is
+reused, not run again, so a second command that shares seeds and methods with the first costs only the
+new runs.
 """
 import argparse
 import contextlib
@@ -47,9 +48,11 @@ def run(argv: list[str]) -> str:
     return ""
 
 
-def run_all(pool, commands: list[list[str]]):
-    """Each command whose run is not complete yet, on the pool's worker processes (or in this one)."""
-    todo = [c for c in commands if not done(c[c.index("--out") + 1], int(c[c.index("--steps") + 1]))]
+def run_all(pool, commands: list[list[str]], checkpoint: bool = False):
+    """Each command whose run is not complete yet (`checkpoint`: with it), on the pool's worker processes
+    (or in this one); a run stopped before its end is done again from the start."""
+    todo = [c + ["--overwrite"] for c in commands
+            if not done(c[c.index("--out") + 1], int(c[c.index("--steps") + 1]), checkpoint)]
     print(f"{len(commands) - len(todo)} runs reused, {len(todo)} to run", flush=True)
     for command, error in zip(todo, (pool.map if pool else map)(run, todo)):
         if error:
@@ -57,11 +60,13 @@ def run_all(pool, commands: list[list[str]]):
         print(f"  done: egpo.py {' '.join(command)}", flush=True)
 
 
-def done(out: str, steps: int) -> bool:
+def done(out: str, steps: int, checkpoint: bool = False) -> bool:
+    """The run in `out` did its `steps` to the end, and (`checkpoint`) left its checkpoint."""
     try:
         with open(os.path.join(out, "summary.json")) as f:
             summary = json.load(f)
-        return summary["steps_done"] == steps and not summary.get("interrupted")
+        return summary["steps_done"] == steps and not summary.keys() & {"interrupted", "checkpoint_error"} and \
+            (not checkpoint or os.path.isfile(os.path.join(out, "checkpoint", "trainer_state.json")))
     except (OSError, ValueError, KeyError):
         return False
 
@@ -102,7 +107,7 @@ def main(argv=None):
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) if args.jobs > 1 else \
             contextlib.nullcontext() as pool:  # each worker process imports egpo once
         run_all(pool, [task + ["--seed", str(s), "--steps", "0", *extra, *args.warmup_args.split(), "--out",
-                               folder("warm", s)] for s in seeds])
+                               folder("warm", s)] for s in seeds], checkpoint=True)  # the RL runs start from it
         run_all(pool, [task + ["--model", os.path.join(folder("warm", s), "checkpoint"), "--seed", str(s), "--steps",
                                str(args.steps), *METHODS[m].split(), *extra, "--out", folder(m, s)]
                        for m in methods for s in seeds])
