@@ -3,6 +3,7 @@ verifier, the sampler, the command line end to end (tiny model, offline) and its
 
     pytest -q
 """
+import copy
 import gc
 import importlib.util
 import json
@@ -197,6 +198,19 @@ def test_renorm_before_clamp_divides_the_raw_weight():
     assert torch.allclose(adv_hat, t(1.6, 1, 1, 0.8) * t(A, A, -A, -A), atol=1e-4)
 
 
+@pytest.mark.parametrize("renorm", ["after-clamp", "before-clamp"])
+def test_renorm_divides_each_group_by_its_own_mean(renorm):
+    """Eq. 9 on a batch of groups equals Eq. 9 group by group, and the groups' mean weights differ
+    (so one mean over the batch would give other numbers)."""
+    rewards, entropy = random_groups(n_groups=12, group_size=4, seed=1)
+    whole = egpo.egpo_advantages(rewards, entropy, 4, renorm=renorm)
+    alone = torch.cat([egpo.egpo_advantages(rewards[i:i + 4], entropy[i:i + 4], 4, renorm=renorm)
+                       for i in range(0, 48, 4)])
+    assert torch.allclose(whole, alone)
+    w = egpo.confidence_ratio(entropy, 4).clamp(0.8, 2.0).view(-1, 4)
+    assert w.mean(1).std() > 0.05
+
+
 # ---------------------------------------------------------------- Section 3: policy loss
 def test_ratio_one_gives_minus_the_mean_advantage_for_each_aggregation():
     lp = t([-1.0, -2.0, -3.0], [-0.5, -0.1, -0.1])
@@ -222,6 +236,24 @@ def test_clipping_zeroes_the_gradient_exactly_where_ppo_says():
     expected[1, 0] = 0.0
     assert torch.allclose(logprobs.grad, expected)
     assert stats["clip_frac"] == pytest.approx(2 / 8)
+
+
+def test_the_upper_and_lower_clip_bounds_are_separate():
+    """DAPO's clip-higher, eps_low 0.2 and eps_high 0.28: the ratio 1.25 with A > 0 keeps its gradient
+    (one bound for both sides would clip it at 1.2), and 0.75 with A < 0 is clipped at 0.8."""
+    ratios = t([0.75, 1.25, 1.3], [0.75, 0.85, 1.25])
+    assert ((ratios > 1.2) & (ratios <= 1.28)).any() and (ratios > 1.28).any()  # each bound is exercised
+    assert ((ratios < 0.8) & (ratios >= 0.72)).any()
+    logprobs = ratios.log().requires_grad_()
+    adv = t(1.0, -1.0)
+    loss, stats = egpo.policy_loss(logprobs, torch.zeros(2, 3), adv, torch.ones(2, 3), clip_eps_low=0.2,
+                                   clip_eps_high=0.28)
+    loss.backward()
+    expected = -ratios * adv[:, None] / 6  # d(-ratio * A / 6)/dlogp where the unclipped branch is active
+    expected[0, 2] = 0.0  # A > 0, ratio 1.3 > 1.28
+    expected[1, 0] = 0.0  # A < 0, ratio 0.75 < 0.8
+    assert torch.allclose(logprobs.grad, expected)
+    assert stats["clip_frac"] == pytest.approx(2 / 6)
 
 
 def test_masked_tokens_get_no_gradient():
@@ -719,6 +751,55 @@ def test_mu_epochs_start_from_zero_gradients():
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[1], grads[0], rtol=1e-5, atol=1e-8)
 
 
+def test_mu_2_takes_its_second_step_against_the_samplers_pi_old():
+    """--mu 2 with a real learning rate: the second epoch's ratio is pi_theta1 / pi_old, with pi_old
+    the policy that sampled (not the moved one), so some tokens leave the clip range; the weights
+    equal two SGD steps taken by hand with policy_loss."""
+    cfg = egpo.resolve(egpo.Config(max_new_tokens=10, group_size=4, mu=2, max_grad_norm=0))
+    model, batch = sampled_batch(cfg, rewards=t(1, 0, 1, 0, 0, 0, 0, 0))
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    n, lr = mask.shape[1], 30.0
+    by_hand = copy.deepcopy(model)
+    with torch.no_grad():
+        old = egpo.token_logprobs(by_hand.eval(), ids, attn, n, cfg.temperature)
+    adv = egpo.egpo_advantages(batch["rewards"], egpo.sequence_entropy(batch["logprobs"], batch["entropy_mask"]), 4)
+    sgd = torch.optim.SGD(by_hand.parameters(), lr=lr)
+    weights = [torch.cat([p.detach().flatten() for p in by_hand.parameters()])]
+    for _ in range(2):
+        sgd.zero_grad()
+        by_hand.train()
+        egpo.policy_loss(egpo.token_logprobs(by_hand, ids, attn, n, cfg.temperature), old, adv, mask)[0].backward()
+        sgd.step()
+        weights.append(torch.cat([p.detach().flatten() for p in by_hand.parameters()]))
+    assert not torch.allclose(weights[1], weights[0])  # pi moved between the epochs
+    metrics = egpo.rl_step(model, None, torch.optim.SGD(model.parameters(), lr=lr), batch, cfg)
+    assert torch.allclose(torch.cat([p.detach().flatten() for p in model.parameters()]), weights[2], atol=1e-5)
+    assert metrics["clip_frac"] > 0  # the second epoch's ratios reach the clip
+
+
+def test_a_failed_rename_leaves_the_previous_checkpoint_to_resume(in_one_go, tmp_path, monkeypatch, capsys):
+    """The swap of checkpoint.new/ for checkpoint/ fails (a real error from the rename): the previous
+    checkpoint is still there, as checkpoint.old/, summary.json names it, and the run resumes from it."""
+    run = tmp_path / "run"
+    shutil.copytree(in_one_go(), run)
+    real_replace = os.replace
+
+    def no_second_rename(src, dst, *args, **kwargs):
+        if str(src).endswith("checkpoint.new"):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", no_second_rename)
+    with pytest.raises(SystemExit) as e:
+        egpo.main(["--resume", str(run), "--steps", "4"])
+    assert e.value.code == 2 and "Input/output error" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert read_json(run / "summary.json")["last_checkpoint"] == {"path": str(run / "checkpoint.old"), "step": 3}
+    assert egpo.last_checkpoint(str(run))["step"] == 3
+    egpo.main(["--resume", str(run), "--steps", "4"])
+    assert read_json(run / "checkpoint" / "trainer_state.json")["step"] == 4
+
+
 def test_a_truncated_response_is_kept_whole_and_counted():
     cfg = egpo.resolve(egpo.Config(max_new_tokens=4, group_size=4))
     model, batch = sampled_batch(cfg)
@@ -1026,13 +1107,15 @@ def test_evaluation_does_not_disturb_training(tmp_path):
 @pytest.mark.parametrize("flags", [
     {"algo": "grpo"}, {"algo": "dapo"}, {}, {"calibration": "symmetric"}, {"calibration": "neg-only"},
     {"calibration": "pos-only"}, {"nsr": "flat"}, {"nsr": "off"}, {"renorm": "after-clamp"},
-    {"renorm": "before-clamp"}, {"lambda_min": 0.5, "lambda_max": 3.0},
+    {"renorm": "before-clamp"}, {"lambda_min": 0.99}, {"lambda_max": 1.01}, {"lambda_min": 0.5, "lambda_max": 3.0},
 ])
 def test_rl_step_trains_on_the_advantages_its_flags_ask_for(flags):
     """The flags reach the advantages: every logged Ã equals egpo_advantages with those flags
-    (GRPO's A for grpo and dapo), on a batch with a mixed and an all-wrong group."""
+    (GRPO's A for grpo and dapo), on a batch with a mixed and an all-wrong group; and with these
+    entropies each flag changes Ã (the weights w^ lie on both sides of each bound that is given)."""
     cfg = egpo.resolve(egpo.Config(max_new_tokens=8, group_size=4, log_completions=True, **flags))
     model, batch = sampled_batch(cfg, rewards=t(1, 0, 1, 0, 0, 0, 0, 0))
+    batch["logprobs"] = batch["logprobs"] * t(0.25, 0.25, 3, 3, 0.5, 1, 1.5, 3)[:, None]  # H: sure to unsure
     rows = egpo.rl_step(model, None, torch.optim.SGD(model.parameters(), lr=0.0), batch, cfg)["completions"]
     logged = torch.tensor([r["egpo_advantage"] for r in rows])
     rewards, entropy = batch["rewards"], torch.tensor([r["entropy"] for r in rows])
@@ -1041,6 +1124,12 @@ def test_rl_step_trains_on_the_advantages_its_flags_ask_for(flags):
         egpo.egpo_advantages(rewards, entropy, 4, **calibration)
     assert torch.allclose(logged, expected, atol=1e-6)
     assert (logged[4:] == 0).all() == ("algo" in flags or flags.get("nsr") == "off")  # NSR acts, or not
+    if flags and "algo" not in flags:
+        assert not torch.allclose(expected, egpo.egpo_advantages(rewards, entropy, 4), atol=1e-4)
+    w_hat = egpo.confidence_ratio(entropy, 4)
+    for bound in ("lambda_min", "lambda_max"):
+        if bound in flags:
+            assert (w_hat < flags[bound]).any() and (w_hat > flags[bound]).any()
 
 
 def test_micro_batches_by_responses_or_by_tokens():
@@ -1864,6 +1953,9 @@ def expect_user_error(argv, capsys, *words):
     (["--algo", "dapo", "--max-resample", "0"], ["--max-resample must be >= 1"]),
     (["--eval-samples", "0"], ["--eval-samples must be >= 1"]),
     (["--eval-top-p", "1.5"], ["--eval-top-p must be in (0, 1]"]),
+    (["--top-p", "0"], ["--top-p must be in (0, 1]"]),  # the open bounds: 0 itself is out
+    (["--lambda-min", "0"], ["--lambda-min must be in (0, 1]"]),
+    (["--temperature", "0"], ["--temperature must be > 0"]),
     (["--eval-datasets", "nope=x.parquet"], ["unknown dataset 'nope'", "math500"]),
     (["--algo", "grpo", "--calibration", "symmetric"], ["--calibration", "does nothing under --algo grpo"]),
     (["--algo", "dapo", "--nsr", "off", "--lambda-min", "0.5"], ["--lambda-min, --nsr", "--algo egpo"]),
