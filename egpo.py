@@ -568,9 +568,15 @@ def _brace_pairs(s: str) -> dict[int, int]:
     return pairs
 
 def extract_answer(text: str) -> str | None:
-    """The last non-empty \\boxed{...} (nested braces allowed; \\fbox too), else the text after the
-    last '####' to the end of its line, else None."""
+    """What the last <answer>...</answer> holds (its last \\boxed{} if it has one), else the last
+    non-empty \\boxed{...} (nested braces allowed; \\fbox too), else the text after the last '####'
+    to the end of its line, else None. The tag is the R1-Zero format's final answer: a box outside
+    it is reasoning (before it) or an afterthought (after it), and is ignored."""
     if not isinstance(text, str): return None
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, max(end, 0))
+    tagged = text[start + 8:end].strip() if start >= 0 else ""
+    text = tagged or text
     boxes = list(_BOXED.finditer(text))
     pairs = _brace_pairs(text) if boxes else {}
     for match in reversed(boxes):
@@ -581,7 +587,7 @@ def extract_answer(text: str) -> str | None:
         if answer: return answer
     if "####" in text:
         return text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip() or None
-    return None
+    return tagged or None
 
 def verify(completion: str, gold: str) -> float:
     """1.0 iff the completion's final answer equals `gold` mathematically: numbers and expressions

@@ -487,6 +487,36 @@ def test_equivalent_expressions_are_equal_and_look_alike_wrong_answers_are_not(c
     assert egpo.verify(completion, gold) == expected
 
 
+# The R1-Zero format: <think> ... </think> <answer> ... </answer>, a third final-answer marker.
+R1_ZERO_CASES = [
+    ("<think> 2 + 2 = 4 </think> <answer> 4 </answer>", "4", 1),
+    ("<think> half </think> <answer> $\\frac{1}{2}$ </answer>", "0.5", 1),
+    ("<think> roots </think> <answer> x = 3 + 2\\sqrt{2} </answer>", "2\\sqrt{2}+3", 1),
+    ("<answer> 3 </answer> wait, no: <answer> 4 </answer>", "4", 1),  # the last tag
+    ("<think> maybe \\boxed{5} </think> <answer> 4 </answer>", "4", 1),  # a box outside is ignored
+    ("<think> so </think> <answer> 4 </answer> \\boxed{5}", "4", 1),
+    ("<think> 2 + 2 = 5 </think> <answer> 5 </answer>", "4", 0),
+    ("<think> so </think> <answer> 4", "4", 0),  # an unclosed tag is no answer
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected", R1_ZERO_CASES)
+def test_the_r1_zero_answer_tag_holds_the_final_answer(completion, gold, expected):
+    assert egpo.verify(completion, gold) == expected
+
+
+def test_the_last_answer_tag_wins_and_a_box_inside_it_is_unwrapped():
+    """The tag is the R1-Zero format's final answer: a box outside it is reasoning or an
+    afterthought, and an empty tag is no answer, so the last box counts."""
+    assert egpo.extract_answer("<think> \\boxed{4} </think> <answer> 5 </answer>") == "5"
+    assert egpo.verify("<think> \\boxed{4} </think> <answer> 5 </answer>", "4") == 0.0
+    assert egpo.extract_answer("<answer> so \\boxed{\\frac{1}{2}} </answer> \\boxed{3}") == "\\frac{1}{2}"
+    assert egpo.extract_answer("<answer> #### 7 </answer>") == "7"
+    assert egpo.extract_answer("<answer> </answer> so \\boxed{6}") == "6"
+    assert egpo.extract_answer("<answer>3</answer><answer>4") == "3"  # the last closed tag
+    assert egpo.verify("<answer> \\boxed{4} </answer>", "4") == 1.0
+
+
 def test_extract_answer_takes_the_last_nonempty_boxed_with_nested_braces_else_hashes_else_none():
     assert egpo.extract_answer("a \\boxed{1} b \\boxed{\\frac{1}{\\sqrt{2}}} c") == "\\frac{1}{\\sqrt{2}}"
     assert egpo.extract_answer("a \\boxed{1} b \\fbox{2} c \\boxed{ } d \\boxed{}") == "2"
@@ -557,7 +587,7 @@ def adversarial_inputs():
         "#### " + "x = " * (n // 4), "#### " + "5\\text{ m}" * (n // 10), "#### " + "m\u00b2" * (n // 2),
         "#### " + "\u2212" * n, "#### " + "$" * n, "#### " + "%." * (n // 2), "#### " + "9" * 4999 + "." + "9" * 4999,
         # expressions (those under 200 characters are expanded): deep brackets, towers of powers,
-        # long sums and products, big numbers and roots, long tuples
+        # long sums and products, big numbers and roots, long tuples, answer tags
         "\\boxed{" + "(" * 4990 + "x" + ")" * 4990 + "}", "\\boxed{" + "(" * 95 + "x+1" + ")" * 95 + "}",
         "\\boxed{" + "2^{" * 2490 + "2" + "}" * 2490 + "}", "\\boxed{2^{2^{2^{100}}}}", "\\boxed{9^{9^{9}}}",
         "\\boxed{" + "x+" * 4990 + "x}", "\\boxed{" + "x+" * 95 + "x}", "\\boxed{" + "(x+1)" * 39 + "}",
@@ -568,6 +598,7 @@ def adversarial_inputs():
         "\\boxed{\\sqrt{" + "9" * 120 + "}}", "\\boxed{\\sqrt[99999]{2}^{99999}}",
         "\\boxed{(" + ",".join(["x^2+2x+1"] * 1100) + ")}",
         "\\boxed{" + "(1," * 2000 + "1" + ")" * 2000 + "}",
+        "<answer>" * (n // 8), "<answer>x</answer>" * (n // 17), "<answer>" + "\\boxed{" * (n // 8),
     ]
     return [s[:n] for s in inputs]
 
