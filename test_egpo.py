@@ -517,6 +517,26 @@ def test_the_last_answer_tag_wins_and_a_box_inside_it_is_unwrapped():
     assert egpo.verify("<answer> \\boxed{4} </answer>", "4") == 1.0
 
 
+def test_the_decimal_tolerance_is_relative_far_from_one():
+    """1e-6 of the larger value: an absolute 1e-6 would take 0.0000002 for 0.0000001, and would
+    refuse 1200000.9 for 1200000.5, 3.3e-7 apart relative."""
+    assert egpo.verify("\\boxed{0.0000002}", "0.0000001") == 0.0
+    assert egpo.verify("\\boxed{0.00000010000001}", "0.0000001") == 1.0
+    assert egpo.verify("\\boxed{1200000.9}", "1200000.5") == 1.0
+    assert egpo.verify("\\boxed{1200002.5}", "1200000.5") == 0.0  # 1.7e-6 apart
+
+
+def test_a_group_of_four_digits_is_not_a_thousands_group():
+    assert egpo.verify("\\boxed{1234,567}", "1234567") == 0.0
+    assert egpo.verify("\\boxed{1,234,567}", "1234567") == 1.0
+
+
+def test_the_last_answer_line_of_a_multiple_choice_completion_counts():
+    completion = "ANSWER: B\nOn second thought, (B) misreads the question.\nANSWER: C"
+    assert egpo.verify(completion, "C") == 1.0
+    assert egpo.verify(completion, "B") == 0.0
+
+
 def test_extract_answer_takes_the_last_nonempty_boxed_with_nested_braces_else_hashes_else_none():
     assert egpo.extract_answer("a \\boxed{1} b \\boxed{\\frac{1}{\\sqrt{2}}} c") == "\\frac{1}{\\sqrt{2}}"
     assert egpo.extract_answer("a \\boxed{1} b \\fbox{2} c \\boxed{ } d \\boxed{}") == "2"
