@@ -501,19 +501,26 @@ def train(cfg: Config) -> dict:
 # ==================================================================================================
 # Part II: appendix. The plumbing: skip it on a first read.
 # ==================================================================================================
-# --- the verifier: the final answer, compared with the gold one mathematically ---------------------
-_BOXED, _TOKEN = re.compile(r"\\(?:boxed|fbox)\s*"), re.compile(r"[^\s${}]*")  # _TOKEN: the 5 of '\boxed 5'
-_NUM = r"\d+(?:\.\d*)?|\.\d+"
-_RATIO = re.compile(rf"([-+]?{_NUM})\s*/\s*([-+]?{_NUM})")
-_FRAC = re.compile(rf"(\d*)\s*\\frac\s*(?:\{{\s*([-+]?{_NUM})\s*\}}|(\d))\s*(?:\{{\s*([-+]?{_NUM})\s*\}}|(\d))")
-_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textnormal|mbox|mathrm|mathbf|operatorname)\s*(?=\{)")
-_SPACING = re.compile(r"\\\\|\\[,;: ]|~|\\(?:left|right)(?![A-Za-z])")  # a row break \\ is kept as it is
+# --- the verifier: the final answer, compared with the gold one mathematically --------------------
+from fractions import Fraction  # exact arithmetic on answers
+
+_BOXED, _TOKEN = re.compile(r"\\(?:boxed|fbox)\s*"), re.compile(r"[^\s${}]*")  # _TOKEN: '\boxed 5'
+_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textnormal|mbox|mathrm|mathbf|operatorname)"
+                      r"\s*(?=\{)")
+_SPACING = re.compile(r"\\\\|\\[,;: ]|~|\\(?:left|right)(?![A-Za-z])")  # a row break \\ is kept
 _THOUSANDS = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])")  # 1,234,567 (and 12,345.5)
-_LAST_WORD = re.compile(r"(?<![A-Za-z])([A-Za-z]+)(?:\^\{?\d\}?|[²³])?$")  # cm^2, m²; starts where a word does
-_UNITS = set("""mm cm m km g kg mg lb lbs oz s sec secs second seconds min mins minute minutes hr hrs hour hours
-day days week weeks month months year years dollar dollars cent cents unit units meter meters metre metres inch
-inches ft foot feet yd yard yards mile miles mph kph degree degrees ml l liter liters litre litres gallon gallons
-sq square cubic per""".split())
+_LAST_WORD = re.compile(r"(?<![A-Za-z])([A-Za-z]+)(?:\^\{?\d\}?|[²³])?$")  # cm^2, m²: a word
+_UNITS = set("""mm cm m km g kg mg lb lbs oz s sec secs second seconds min mins minute minutes hr
+hrs hour hours day days week weeks month months year years dollar dollars cent cents unit units
+meter meters metre metres inch inches ft foot feet yd yard yards mile miles mph kph degree degrees
+ml l liter liters litre litres gallon gallons sq square cubic per radian radians""".split())
+_MIXED = re.compile(r"(-?)(\d+)\s*(\\frac\s*(?:\{\d+\}|\d)\s*(?:\{\d+\}|\d))")  # 3\frac{1}{2}
+_LEXEME = re.compile(r"\d+(?:\.\d*)?|\.\d+|[A-Za-z]+|\\[A-Za-z]+|\S")  # letters: one symbol
+_OPERATOR = {"\\cdot": "*", "\\times": "*", "\\div": "/"}
+_BESIDE = ("(", "[", "{", "\\frac", "\\sqrt", "\\pi")  # a factor that starts a product: 2(x+1)
+_PIECE = re.compile(r"\\(?:begin|end)\{\w*\*?\}|\\[{}]|\\(?:cup|cap|in|pm|mp|le|ge|leq|geq|ne|neq)"
+                    r"(?![A-Za-z])|\\\\|[(\[{)\]},;=<>&]")  # brackets, and what separates parts
+_BRACKETS = {"(": ")", "[": "]", "{": "}", "\\{": "\\}"}
 
 def _brace_pairs(s: str) -> dict[int, int]:
     """{index of each '{': index of its matching '}'}, in one pass; unmatched braces left out."""
@@ -526,72 +533,231 @@ def _brace_pairs(s: str) -> dict[int, int]:
     return pairs
 
 def extract_answer(text: str) -> str | None:
-    """The last non-empty \\boxed{...} (nested braces allowed; \\fbox too), else the text after the
-    last '####' to the end of its line, else None."""
+    """What the last <answer>...</answer> holds (its last \\boxed{} if it has one), else the last
+    non-empty \\boxed{...} (nested braces allowed; \\fbox too), else the text after the last '####'
+    to the end of its line, else None. The tag is the R1-Zero format's final answer: a box outside
+    it is reasoning (before it) or an afterthought (after it), and is ignored."""
     if not isinstance(text, str): return None
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, max(end, 0))
+    tagged = text[start + 8:end].strip() if start >= 0 else ""
+    text = tagged or text
     boxes = list(_BOXED.finditer(text))
     pairs = _brace_pairs(text) if boxes else {}
     for match in reversed(boxes):
         start = match.end()  # an unbalanced box gives '' and is skipped, like an empty one
         braced = text[start:start + 1] == "{"
-        answer = text[start + 1:pairs.get(start, start)].strip() if braced else _TOKEN.match(text, start).group()
+        answer = (text[start + 1:pairs.get(start, start)].strip() if braced
+                  else _TOKEN.match(text, start).group())
         if answer: return answer
-    return (text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip() or None) if "####" in text else None
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip() or None
+    return tagged or None
 
 def verify(completion: str, gold: str) -> float:
-    """1.0 iff the completion's final answer equals `gold` mathematically: integers exactly, decimals
-    and fractions to a 1e-6 relative tolerance, else as normalised strings (case-insensitive). A gold
-    of one capital letter A-J is a multiple-choice option, which the answer must name alone. Never raises."""
+    """1.0 iff the completion's final answer equals `gold` mathematically: numbers and expressions
+    exactly (x+6 = 6+x, √8 = 2√2), a decimal to a 1e-6 relative tolerance, tuples, intervals and
+    matrices part by part, else as normalised strings (case-insensitive). A gold of one capital
+    letter A-J is a multiple-choice option, which the answer must name alone. Never raises."""
     answer, gold = extract_answer(completion), gold if isinstance(gold, str) else str(gold)
-    if re.fullmatch(r"[A-J]", gold.strip()):  # multiple choice (MMLU-STEM): B, (B), B) 42, or 'ANSWER: B'
+    if re.fullmatch(r"[A-J]", gold.strip()):  # multiple choice: B, (B), B) 42, ANSWER: B
         if answer is None and isinstance(completion, str):
             answer = (re.findall(r"ANSWER:\s*(.*)", completion) or [None])[-1]
         m = re.fullmatch(r"\(?([A-J])[).:]?(?:\s+(.*))?", _unwrap(answer or "").strip())
-        return float(bool(m) and m.group(1) == gold.strip()  # and no other choice in the option's text
+        return float(bool(m) and m.group(1) == gold.strip()  # and no other choice in its text
                      and not re.search(r"(?<![A-Za-z])[A-J](?![A-Za-z])", m.group(2) or ""))
     if "####" in gold or _BOXED.search(gold):  # a whole GSM8K / MATH solution was passed as gold
         gold = extract_answer(gold) or ""
     if not answer or not gold.strip():
         return 0.0
-    a, g = _normalize(answer), _normalize(gold)
-    if a.replace(" ", "").lower() == g.replace(" ", "").lower():
-        return 1.0
-    x, y = _to_number(a), _to_number(g)
-    if x is None or y is None:
-        return 0.0
-    if isinstance(x, int) and isinstance(y, int):
-        return float(x == y)
-    return float(abs(x - y) <= 1e-6 * max(abs(x), abs(y)))
+    return float(_same(_normalize(answer), _normalize(gold)))
+
+def _same(a: str, b: str, depth: int = 0) -> bool:
+    """Equal as strings, numbers or expressions, else part by part: a tuple's entries in order, an
+    interval's brackets, an equation's sides, a matrix's entries. A set's too, in order: telling a
+    set from a list of solutions or a tuple is guesswork, and strict costs only a right answer."""
+    if a.replace(" ", "").lower() == b.replace(" ", "").lower():
+        return True
+    if depth > 20 or max(len(a), len(b)) > 1000:  # bounds the time: a real answer is shorter
+        return False
+    p, q = _parse(a), _parse(b)
+    if p is not None and q is not None:  # two expressions, with nothing to split
+        if set(p) | set(q) <= {()}:  # numbers: exactly, unless a decimal stands for a fraction
+            x, y = p.get((), 0), q.get((), 0)
+            return x == y or "." in a + b and abs(x - y) <= 1e-6 * max(abs(x), abs(y))
+        return p == q
+    pa, pb = _split(a), _split(b)
+    return bool(pa and pb) and len(pa) == len(pb) and all(
+        _same(x, y, depth + 1) if i % 2 == 0 else x == y for i, (x, y) in enumerate(zip(pa, pb)))
+
+def _split(s: str) -> list[str] | None:
+    """[part, separator, part, ...] cut at s's top-level separators (',', '=', '\\cup', '\\\\'...),
+    else ['', '(', inside, ']', ''] if one pair of brackets encloses s, else None."""
+    depth, cuts, closing = 0, [], None
+    for m in _PIECE.finditer(s):
+        depth += (m.group() in _BRACKETS) - (m.group() in _BRACKETS.values())
+        if depth < 0: return None
+        if depth == 0 and m.group() in _BRACKETS.values():
+            closing = closing or m
+        elif depth == 0:
+            cuts.append(m)
+    opening = re.match(r"\\?[(\[{]", s)
+    if not cuts and opening and closing and closing.end() == len(s):
+        cuts = [opening, closing]
+    edges = [0, *(i for m in cuts for i in m.span()), len(s)]
+    return [s[i:j].strip() for i, j in zip(edges, edges[1:])] if cuts else None
+
+def _parse(s: str) -> dict | None:
+    """s as a polynomial {monomial: exact coefficient}, a monomial a sorted tuple of (symbol,
+    power), if s is made of numbers, letters, + - * / ^, products side by side, \\frac, \\sqrt[n]{},
+    \\pi and brackets, and stays small (200 characters, 1000 products a step); else None. Each
+    step holds for all values of the letters (and principal roots), so two answers with one
+    polynomial are equal: a wrong answer cannot pass for a right one."""
+    s = _MIXED.sub(r"\1(\2+\3)", s) if _MIXED.fullmatch(s) else s  # a whole answer 3\frac12
+    if len(s) > 200 or re.search(r"\d\s*\\frac", s):  # 2\frac12 inside: 2.5 or 2·(1/2)?
+        return None
+    tokens = [_OPERATOR.get(t, t) for t in reversed(_LEXEME.findall(s))]  # read from the end
+    try:
+        value = _sum(tokens)
+        return None if tokens else value
+    except (ValueError, ArithmeticError, IndexError, RecursionError):
+        return None
+
+def _sum(ts: list) -> dict:
+    value = {}
+    while True:
+        sign = -1 if ts[-1] == "-" else 1
+        if ts[-1] in ("+", "-"): ts.pop()
+        for m, c in _term(ts).items():
+            value[m] = value.get(m, 0) + sign * c
+        if not ts or ts[-1] not in ("+", "-"): return {m: c for m, c in value.items() if c}
+
+def _term(ts: list) -> dict:
+    """Factors joined by * and / or side by side (2x, 3\\sqrt{2}, (x+1)(x-1)), with powers."""
+    value, op = {(): Fraction(1)}, "*"
+    while True:
+        factor = _atom(ts)
+        if ts and ts[-1] == "^":
+            ts.pop()
+            factor = _raise(factor, _argument(ts))
+        value = _times(value, factor if op == "*" else _inverse(factor))
+        beside = ts and (ts[-1][0].isalpha() or ts[-1] in _BESIDE)
+        if op == "/" and beside: raise ValueError  # 1/2x: (1/2)x or 1/(2x)? ambiguous
+        if not beside and not (ts and ts[-1] in ("*", "/")): return value
+        op = "*" if beside else ts.pop()
+
+def _argument(ts: list) -> dict:
+    """TeX's argument: a {group} or one character, so \\frac12 is 1/2 and x^23 is x^2·3."""
+    if len(ts[-1]) > 1 and ts[-1][0] != "\\":
+        ts[-1:] = [ts[-1][1:], ts[-1][0]]
+    return _atom(ts)
+
+def _atom(ts: list) -> dict:
+    t = ts.pop()
+    if t[0].isdigit() or t[0] == ".": return {(): Fraction(t)} if Fraction(t) else {}
+    if t[0].isalpha() or t == "\\pi": return {((t, 1),): Fraction(1)}
+    if t == "\\frac": return _times(_argument(ts), _inverse(_argument(ts)))
+    if t == "\\sqrt":
+        index = _atom(ts) if ts[-1] == "[" else {(): Fraction(2)}  # \sqrt[3]{x}
+        return _raise(_argument(ts), _inverse(index))
+    if t not in _BRACKETS: raise ValueError(t)
+    value = _sum(ts)
+    if ts.pop() != _BRACKETS[t]: raise ValueError(t)
+    return value
+
+def _times(p: dict, q: dict) -> dict:
+    """p·q, each prime's power kept in [0, 1) so that a number has one form: √8 = 2·2^(1/2)."""
+    if len(p) * len(q) > 1000: raise OverflowError  # (a+1)(b+1)(c+1)...: too big to expand
+    out = {}
+    for m1, c1 in p.items():
+        for m2, c2 in q.items():
+            powers, c = dict(m1), c1 * c2
+            for symbol, k in m2:
+                powers[symbol] = powers.get(symbol, 0) + k
+            for symbol, k in powers.items():
+                if symbol.isdigit():  # a prime, from a root: its whole powers go to the coefficient
+                    whole = math.floor(k)
+                    c, powers[symbol] = c * Fraction(int(symbol)) ** whole, k - whole
+            if c.numerator.bit_length() + c.denominator.bit_length() > 100_000: raise OverflowError
+            m = tuple(sorted((symbol, k) for symbol, k in powers.items() if k))
+            out[m] = out.get(m, 0) + c
+    return {m: c for m, c in out.items() if c}
+
+def _inverse(p: dict) -> dict:
+    """1/p: a term's powers negated; 1/(x+1) a symbol of its own, equal only to itself."""
+    if not p: raise ZeroDivisionError
+    if len(p) > 1: return {((f"/{sorted(p.items())}", 1),): Fraction(1)}
+    (m, c), = p.items()
+    return _times({tuple((symbol, -k) for symbol, k in m): 1 / c}, {(): Fraction(1)})
+
+def _raise(base: dict, exponent: dict) -> dict:
+    """base^e for a rational e: whole powers of anything; roots only of one term with a positive
+    coefficient and at most one letter, not raised: √(x²) is |x|; √(x·y) is not √x·√y."""
+    e = exponent.get((), Fraction(0))
+    bits = max((c.numerator.bit_length() + c.denominator.bit_length() for c in base.values()),
+               default=2)
+    if set(exponent) - {()} or abs(e.numerator) * bits > 100_000:  # x^y, 2^{2^{99}}: no answer
+        raise OverflowError
+    if e.denominator == 1:
+        n, out, base = abs(e.numerator), {(): Fraction(1)}, _inverse(base) if e < 0 else base
+        while n:  # by squaring
+            out = _times(out, base) if n & 1 else out
+            n >>= 1
+            base = _times(base, base) if n else base
+        return out
+    (m, c), = base.items()
+    letters = [k for symbol, k in m if not symbol.isdigit() and symbol != "\\pi"]
+    if c < 0 or bits > 400 or letters not in ([], [1]): raise ValueError
+    primes = [(str(p), 1) for p in _primes(c.numerator)]
+    primes += [(str(p), -1) for p in _primes(c.denominator)]
+    out = {(): Fraction(1)}
+    for symbol, k in [*m, *primes]:
+        out = _times(out, {((symbol, k * e),): Fraction(1)})
+    return out
+
+def _primes(n: int) -> list[int]:
+    """n's prime factors below 1000, each as often as it divides n, then what is left if not 1."""
+    out, p = [], 2
+    while p * p <= n and p < 1000:
+        if n % p == 0:
+            out, n = out + [p], n // p
+        else:
+            p += 1
+    return out + [n] * (n > 1)
 
 def _normalize(s: str) -> str:
-    """Strip what does not change an answer's value: outer braces, $, LaTeX spacing and text wrappers,
-    \\left/\\right, degrees, percent, thousands separators, trailing unit words."""
+    """Strip what does not change an answer's value: outer braces, $, LaTeX spacing and text
+    wrappers, \\left/\\right, degrees, percent, thousands separators, trailing unit words."""
     s, k = s.strip().replace("\u2212", "-"), 0  # Unicode minus
     pairs = _brace_pairs(s) if s.startswith("{") else {}
     while pairs.get(k) == len(s) - 1 - k > k:  # '{{5}}' -> '5', every layer in one pass
         k += 1
-    s = re.sub(r",\s*\\!\s*", ",", s[k:len(s) - k].strip()).replace("{,}", ",").replace("\\!", "").replace("\\$", "")
-    s = _SPACING.sub(lambda m: m.group() if m.group() == "\\\\" else " ", s.replace("$", ""))
+    s = re.sub(r",\s*\\!\s*", ",", s[k:len(s) - k].strip()).replace("{,}", ",")
+    s = s.replace("\\!", "").replace("\\$", "").replace("$", "")
+    s = _SPACING.sub(lambda m: m.group() if m.group() == "\\\\" else " ", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
-    s = _unwrap(_strip_thousands(s))  # '2, 500' stays a list; 5\text{ cm} -> '5 cm', whose unit goes below
+    s = _unwrap(_strip_thousands(s))  # '2, 500' stays a list; 5\text{ cm} -> '5 cm', unit below
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree|\\%|%|\bpercent\b|\bpct\b", "", s)
     s = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
-    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s.strip()).strip().rstrip(".").strip()  # x = 5. -> 5
-    if s.startswith("(") and s.endswith(")") and "," not in s:  # (1/3) -> 1/3, but not a point (1, 2)
+    s = re.sub(r"^[a-zA-Z]\s*(?:=|\\in(?![a-z]))\s*", "", s.strip())  # x = 5 -> 5, x \in [1, 2]
+    s = s.strip().rstrip(".").strip()
+    if "," not in s and (_split(s) or [])[1:4:2] == ["(", ")"]:  # (1/3) -> 1/3; not (1, 2), (x)(y)
         s = s[1:-1].strip()
-    rest = s  # then up to three trailing unit words, if a number remains: '18 dollars', not '5 or more'
+    rest = s  # then up to three trailing unit words, if a value remains: '18 dollars', '5 or more'
     for _ in range(3):
         m = _LAST_WORD.search(rest)
         if not m or m.group(1).lower() not in _UNITS: break
         rest = rest[:m.start()].rstrip()
-    return rest if rest != s and _to_number(rest) is not None else s
+    letter = re.search(r"(?<![\\A-Za-z])[A-Za-z]", rest)  # a variable: '2x m' keeps its m
+    return rest if rest != s and not letter and _parse(rest) is not None else s
 
 def _unwrap(s: str) -> str:
     """'\\text{\\textbf{5} cm}' -> '5 cm': every text wrapper, nested ones too, in one pass."""
     starts = list(_WRAPPER.finditer(s))
     if not starts: return s
     pairs = _brace_pairs(s)
-    cut = {i for m in starts if m.end() in pairs for i in (*range(m.start(), m.end() + 1), pairs[m.end()])}
+    cut = {i for m in starts if m.end() in pairs
+           for i in (*range(m.start(), m.end() + 1), pairs[m.end()])}
     return "".join(c for i, c in enumerate(s) if i not in cut)
 
 def _strip_thousands(s: str) -> str:
@@ -600,24 +766,6 @@ def _strip_thousands(s: str) -> str:
     if not numbers or s.count(",") != sum(n.count(",") for n in numbers):
         return s
     return _THOUSANDS.sub(lambda m: m.group().replace(",", ""), s)
-
-def _to_number(s: str) -> int | float | None:
-    """An int (compared exactly); a decimal, a/b, \\frac{a}{b}, \\frac13 or 3\\frac{1}{2} as a float; else None."""
-    sign, s = (-1, s[1:].lstrip()) if s.startswith("-") else (1, s.removeprefix("+"))
-    try:
-        if re.fullmatch(r"\d+", s):
-            value = int(s)
-        elif re.fullmatch(_NUM, s):
-            value = float(s)
-        elif m := _RATIO.fullmatch(s):
-            value = float(m.group(1)) / float(m.group(2))
-        elif m := _FRAC.fullmatch(s):
-            value = int(m.group(1) or 0) + float(m.group(2) or m.group(3)) / float(m.group(4) or m.group(5))
-        else:
-            return None
-    except (ValueError, ZeroDivisionError):  # a zero denominator, or an int of over 4,300 digits
-        return None
-    return sign * value if abs(value) < 1e300 else None  # a huge int compares as a string: exactly
 
 # --- the toy task, the datasets and the prompts ---------------------------------------------------
 def toy_problem(a: int, b: int) -> dict:

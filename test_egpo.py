@@ -463,6 +463,112 @@ def test_verify(completion, gold, expected):
     assert egpo.verify(completion, gold) == expected
 
 
+# Equivalent forms: the same polynomial, exactly (a run of letters is one symbol; roots of numbers
+# are products of primes, so √117 = 3√13). Each of these scored 0 with strings and numbers alone.
+EQUIVALENT_FORM_CASES = [
+    ("\\boxed{6 + x}", "x+6", 1),  # a reordered sum
+    ("\\boxed{2\\sqrt{2} + 3}", "3 + 2\\sqrt{2}", 1),
+    ("\\boxed{-5i + 6}", "6 - 5i", 1),
+    ("\\boxed{\\frac{9a+11}{20}}", "\\frac{11+9a}{20}", 1),
+    ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}", 1),
+    ("\\boxed{\\frac{1}{\\sqrt{3}}}", "\\frac{\\sqrt{3}}{3}", 1),
+    ("\\boxed{\\sqrt{117}}", "3\\sqrt{13}", 1),
+    ("\\boxed{\\frac{3}{4}\\pi \\text{ inches}}", "\\frac{3}{4}\\pi", 1),  # a unit after an expression
+    ("\\boxed{-\\frac{1}{6}\\pi}", "-\\frac{\\pi}{6}", 1),
+    ("\\boxed{x \\cdot 2}", "2x", 1),  # implicit multiplication, \cdot, \times
+    ("\\boxed{3 \\times \\sqrt{13}}", "3\\sqrt{13}", 1),
+    ("\\boxed{2(k+1)}", "2k+2", 1),
+    ("\\boxed{(x-1)(x+1)}", "x^2-1", 1),
+    ("\\boxed{x^{1/3}}", "\\sqrt[3]{x}", 1),  # powers and roots
+    ("\\boxed{2^{10}}", "1024", 1),
+    ("\\boxed{6.72 \\times 10^{-5}}", ".0000672", 1),
+    ("\\boxed{\\dfrac{x+1}{x-1}}", "\\frac{1+x}{x-1}", 1),  # 1/(x-1): a symbol of its own
+    ("\\boxed{(3, \\pi/2)}", "\\left( 3, \\frac{\\pi}{2} \\right)", 1),  # part by part
+    ("\\boxed{(3/5, 8/3]}", "\\left(\\frac{3}{5},\\frac{8}{3}\\right]", 1),
+    ("\\boxed{-7y + 5x + 11z + 4 = 0}", "5x - 7y + 11z + 4 = 0", 1),
+    ("\\boxed{\\begin{pmatrix} -\\frac{1}{3} \\\\ \\frac{2}{3} \\end{pmatrix}}",
+     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}", 1),
+    ("\\boxed{[-2, 7]}", "x \\in [-2,7]", 1),
+]
+# Wrong answers that look alike, and forms read strictly because they are ambiguous or unsafe.
+LOOK_ALIKE_WRONG_CASES = [
+    ("\\boxed{x+7}", "x+6", 0),
+    ("\\boxed{6 - x}", "x - 6", 0),
+    ("\\boxed{2x}", "x^2", 0),
+    ("\\boxed{(2,1)}", "(1,2)", 0),  # a tuple keeps its order
+    ("\\boxed{2}", "\\sqrt{2}", 0),
+    ("\\boxed{(1,2]}", "[1,2)", 0),  # an interval keeps its brackets
+    ("\\boxed{\\frac{3}{4}}", "\\frac{3}{4}\\pi", 0),
+    ("\\boxed{(3, \\pi)}", "\\left( 3, \\frac{\\pi}{2} \\right)", 0),
+    ("\\boxed{\\begin{pmatrix} 2/3 \\\\ -1/3 \\end{pmatrix}}",
+     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}", 0),
+    ("\\boxed{y = 2x - 3}", "y = 2x + 3", 0),
+    ("\\boxed{2^{60}+1}", "2^{60}", 0),  # exact: no rounding of big integers
+    ("\\boxed{\\sqrt{10^{30}+1}}", "10^{15}", 0),
+    ("\\boxed{\\sqrt{x^2}}", "x", 0),  # |x|, not x
+    ("\\boxed{\\frac{1}{2x}}", "\\frac{x}{2}", 0),
+    ("\\boxed{1/2x}", "\\frac{x}{2}", 0),  # (1/2)x or 1/(2x)? ambiguous, so no answer
+    ("\\boxed{x^23}", "x^{23}", 0),  # TeX reads x^2·3
+    ("\\boxed{\\text{tase}}", "\\text{east}", 0),  # a word is one symbol, not a product of letters
+    ("\\boxed{2^{2^{2^{100}}}}", "2^{2^{2^{101}}}", 0),  # too big to compute: no answer
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected", EQUIVALENT_FORM_CASES + LOOK_ALIKE_WRONG_CASES)
+def test_equivalent_expressions_are_equal_and_look_alike_wrong_answers_are_not(completion, gold, expected):
+    assert egpo.verify(completion, gold) == expected
+
+
+# The R1-Zero format: <think> ... </think> <answer> ... </answer>, a third final-answer marker.
+R1_ZERO_CASES = [
+    ("<think> 2 + 2 = 4 </think> <answer> 4 </answer>", "4", 1),
+    ("<think> half </think> <answer> $\\frac{1}{2}$ </answer>", "0.5", 1),
+    ("<think> roots </think> <answer> x = 3 + 2\\sqrt{2} </answer>", "2\\sqrt{2}+3", 1),
+    ("<answer> 3 </answer> wait, no: <answer> 4 </answer>", "4", 1),  # the last tag
+    ("<think> maybe \\boxed{5} </think> <answer> 4 </answer>", "4", 1),  # a box outside is ignored
+    ("<think> so </think> <answer> 4 </answer> \\boxed{5}", "4", 1),
+    ("<think> 2 + 2 = 5 </think> <answer> 5 </answer>", "4", 0),
+    ("<think> so </think> <answer> 4", "4", 0),  # an unclosed tag is no answer
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected", R1_ZERO_CASES)
+def test_the_r1_zero_answer_tag_holds_the_final_answer(completion, gold, expected):
+    assert egpo.verify(completion, gold) == expected
+
+
+def test_the_last_answer_tag_wins_and_a_box_inside_it_is_unwrapped():
+    """The tag is the R1-Zero format's final answer: a box outside it is reasoning or an
+    afterthought, and an empty tag is no answer, so the last box counts."""
+    assert egpo.extract_answer("<think> \\boxed{4} </think> <answer> 5 </answer>") == "5"
+    assert egpo.verify("<think> \\boxed{4} </think> <answer> 5 </answer>", "4") == 0.0
+    assert egpo.extract_answer("<answer> so \\boxed{\\frac{1}{2}} </answer> \\boxed{3}") == "\\frac{1}{2}"
+    assert egpo.extract_answer("<answer> #### 7 </answer>") == "7"
+    assert egpo.extract_answer("<answer> </answer> so \\boxed{6}") == "6"
+    assert egpo.extract_answer("<answer>3</answer><answer>4") == "3"  # the last closed tag
+    assert egpo.verify("<answer> \\boxed{4} </answer>", "4") == 1.0
+
+
+def test_the_decimal_tolerance_is_relative_far_from_one():
+    """1e-6 of the larger value: an absolute 1e-6 would take 0.0000002 for 0.0000001, and would
+    refuse 1200000.9 for 1200000.5, 3.3e-7 apart relative."""
+    assert egpo.verify("\\boxed{0.0000002}", "0.0000001") == 0.0
+    assert egpo.verify("\\boxed{0.00000010000001}", "0.0000001") == 1.0
+    assert egpo.verify("\\boxed{1200000.9}", "1200000.5") == 1.0
+    assert egpo.verify("\\boxed{1200002.5}", "1200000.5") == 0.0  # 1.7e-6 apart
+
+
+def test_a_group_of_four_digits_is_not_a_thousands_group():
+    assert egpo.verify("\\boxed{1234,567}", "1234567") == 0.0
+    assert egpo.verify("\\boxed{1,234,567}", "1234567") == 1.0
+
+
+def test_the_last_answer_line_of_a_multiple_choice_completion_counts():
+    completion = "ANSWER: B\nOn second thought, (B) misreads the question.\nANSWER: C"
+    assert egpo.verify(completion, "C") == 1.0
+    assert egpo.verify(completion, "B") == 0.0
+
+
 def test_extract_answer_takes_the_last_nonempty_boxed_with_nested_braces_else_hashes_else_none():
     assert egpo.extract_answer("a \\boxed{1} b \\boxed{\\frac{1}{\\sqrt{2}}} c") == "\\frac{1}{\\sqrt{2}}"
     assert egpo.extract_answer("a \\boxed{1} b \\fbox{2} c \\boxed{ } d \\boxed{}") == "2"
@@ -532,6 +638,19 @@ def adversarial_inputs():
         "\\boxed{" + "\\sqrt" * (n // 5) + "}", "\\boxed{(" + "(" * n + ")}", "\\boxed{" + "^{\\circ}" * (n // 9) + "}",
         "#### " + "x = " * (n // 4), "#### " + "5\\text{ m}" * (n // 10), "#### " + "m\u00b2" * (n // 2),
         "#### " + "\u2212" * n, "#### " + "$" * n, "#### " + "%." * (n // 2), "#### " + "9" * 4999 + "." + "9" * 4999,
+        # expressions (those under 200 characters are expanded): deep brackets, towers of powers,
+        # long sums and products, big numbers and roots, long tuples, answer tags
+        "\\boxed{" + "(" * 4990 + "x" + ")" * 4990 + "}", "\\boxed{" + "(" * 95 + "x+1" + ")" * 95 + "}",
+        "\\boxed{" + "2^{" * 2490 + "2" + "}" * 2490 + "}", "\\boxed{2^{2^{2^{100}}}}", "\\boxed{9^{9^{9}}}",
+        "\\boxed{" + "x+" * 4990 + "x}", "\\boxed{" + "x+" * 95 + "x}", "\\boxed{" + "(x+1)" * 39 + "}",
+        "\\boxed{" + "(x+1)" * 1990 + "}", "\\boxed{(x+y+z+1)^{50000}}", "\\boxed{" + "10^{20000}" * 19 + "}",
+        "\\boxed{(a+1)(b+1)(c+1)(d+1)(e+1)(f+1)(g+1)(h+1)(i+1)(j+1)(k+1)(l+1)(m+1)}",
+        "\\boxed{" + "\\frac{(x+1)^{30}}{(x-1)^{30}}" * 6 + "}",
+        "\\boxed{" + "\\frac{1}{" * 1400 + "x" + "}" * 1400 + "}", "\\boxed{" + "\\sqrt{999983}" * 15 + "}",
+        "\\boxed{\\sqrt{" + "9" * 120 + "}}", "\\boxed{\\sqrt[99999]{2}^{99999}}",
+        "\\boxed{(" + ",".join(["x^2+2x+1"] * 1100) + ")}",
+        "\\boxed{" + "(1," * 2000 + "1" + ")" * 2000 + "}",
+        "<answer>" * (n // 8), "<answer>x</answer>" * (n // 17), "<answer>" + "\\boxed{" * (n // 8),
     ]
     return [s[:n] for s in inputs]
 
@@ -556,7 +675,8 @@ def test_verifier_is_fast_on_adversarial_inputs():
         worst = 0.0
         for s in adversarial_inputs():
             assert len(s) <= 10_000
-            for completion, gold in ((s, "42"), (s, s), ("#### 5", s), (s, s.split("#### ", 1)[-1])):
+            pairs = (s, "42"), (s, s), ("#### 5", s), (s, s.split("#### ", 1)[-1]), (s, s.replace("1", "2"))
+            for completion, gold in pairs:
                 worst = max(worst, min(seconds(completion, gold) for _ in range(3)))
     finally:
         if has_alarm:
@@ -564,6 +684,7 @@ def test_verifier_is_fast_on_adversarial_inputs():
             signal.signal(signal.SIGALRM, old)
     assert worst < 0.1, worst
     assert egpo.verify(adversarial_inputs()[0], "42") == 0.0  # a sentence is not its last number
+    assert egpo.verify("\\boxed{2^{2^{2^{100}}}}", "2^{2^{2^{101}}}") == 0.0  # fails closed
 
 
 def test_toy_solutions_verify_and_the_splits_are_disjoint():
