@@ -28,6 +28,7 @@ model loading, step metrics and evaluation, torchrun, checkpoints, the flags' ch
 import argparse, contextlib, copy, dataclasses, datetime, gc, json, math, os, pickle, random, re, shutil, signal
 import string, sys, time, uuid
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 from tqdm.auto import tqdm  # tqdm ships with transformers and datasets
@@ -502,8 +503,6 @@ def train(cfg: Config) -> dict:
 # Part II: appendix. The plumbing: skip it on a first read.
 # ==================================================================================================
 # --- the verifier: the final answer, compared with the gold one mathematically --------------------
-from fractions import Fraction  # exact arithmetic on answers
-
 _BOXED, _TOKEN = re.compile(r"\\(?:boxed|fbox)\s*"), re.compile(r"[^\s${}]*")  # _TOKEN: '\boxed 5'
 _WRAPPER = re.compile(r"\\(?:text|textbf|textit|textnormal|mbox|mathrm|mathbf|operatorname)"
                       r"\s*(?=\{)")

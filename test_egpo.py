@@ -2155,7 +2155,8 @@ def script(name):
 
 
 def test_every_script_has_help_and_a_test_below():
-    tested = {"table_study", "bench_vs_trl", "sampler_vs_generate", "logprob_memory", "calibration_cost", "gpu_check"}
+    tested = {"table_study", "bench_vs_trl", "sampler_vs_generate", "logprob_memory", "calibration_cost", "gpu_check",
+              "mutation_check"}
     assert {p.stem for p in (HERE / "scripts").glob("*.py")} == tested
     for name in tested:
         with pytest.raises(SystemExit) as e:
@@ -2185,6 +2186,20 @@ def test_table_study_script_reports_the_runs_means_and_paired_differences(tmp_pa
     assert script("table_study").done(str(tmp_path / "warm-s0"), 0, checkpoint=True)
     script("table_study").main(small)
     assert "1 runs reused, 1 to run" in capsys.readouterr().out and (tmp_path / "warm-s1" / "checkpoint").is_dir()
+
+
+def test_mutation_check_script_tells_a_killed_mutant_from_a_survivor(monkeypatch, capsys):
+    """A planted bug fails the suite in the copy (killed); a mutation that changes nothing survives."""
+    mutation_check = script("mutation_check")
+    monkeypatch.setattr(mutation_check, "MUTATIONS", [m for m in mutation_check.MUTATIONS if m[0] == "eq2-biased-std"]
+                        + [("identity", "def grpo_advantages(", "def grpo_advantages(")])
+    results = mutation_check.main(["--pytest-args", "test_egpo.py -k grpo_advantages_equal_hand_values", "--jobs", "1"])
+    assert results == {"eq2-biased-std": ("I", "killed"), "identity": ("I", "survived")}
+    out = capsys.readouterr().out
+    assert "test_grpo_advantages_equal_hand_values" in out and "Part I   1 of 2 killed (50%)" in out
+    monkeypatch.setattr(mutation_check, "MUTATIONS", [("gone", "no such code", "x")])
+    with pytest.raises(SystemExit, match="gone"):
+        mutation_check.main([])
 
 
 def test_sampler_benchmark_script(capsys):
