@@ -25,8 +25,8 @@ Part I, the method, in the order of Algorithm 1:
 Part II is an appendix of plumbing, to skip on a first read: the verifier, datasets and prompts,
 model loading, step metrics and evaluation, torchrun, checkpoints, the flags' checks and main.
 """
-import argparse, contextlib, copy, dataclasses, datetime, gc, json, math, os, pickle, random, re, shutil, signal
-import string, sys, time, uuid
+import argparse, contextlib, copy, dataclasses, datetime, functools, gc, inspect, json, math, os, pickle, random
+import re, shutil, signal, string, sys, time, uuid
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -72,6 +72,8 @@ class Config:
     temperature: float = flag(1.0, "sampling temperature; log-probs are of logits / temperature", check="> 0")
     top_p: float = flag(1.0, "nucleus sampling mass (1 = off)", check="(0, 1]")
     top_k: int = flag(0, "sample from the k likeliest tokens only (0 = off)", check=">= 0")
+    max_num_seqs: int = flag(None, "responses sampled at once, a bound on the KV cache (vLLM, verl) [all]",
+                             check=">= 1")
     thinking: bool = flag(False, "Qwen3's chat template in thinking mode")
     # --- the update
     lr: float = flag(None, "AdamW learning rate [1e-4 / 1e-6]", check="> 0")
@@ -221,7 +223,7 @@ def sample_batch(policy, tokenizer, draw, cfg: Config) -> dict:
     Under torchrun each process draws as many rounds, and tops a short batch up with uniform groups."""
     t0, G = time.perf_counter(), cfg.group_size
     parts, keep, n_mixed, b = [], [], 0, 0
-    with full_weights(policy) as sampler:
+    with full_weights(policy, cfg.bf16) as sampler:
         for _ in range(cfg.max_resample if cfg.algo == "dapo" else 1):
             prompts, golds, noise = draw()
             b = len(prompts)  # this process's prompts
@@ -317,16 +319,18 @@ class Policy(torch.nn.Module):
 
     def __init__(self, lm):
         super().__init__()
-        self.lm = lm
+        self.lm = lm  # transformers before 5.24 name the cache argument past_key_values
+        self.cache_name = "cache" if "cache" in inspect.signature(lm.base_model.forward).parameters else \
+            "past_key_values"
 
     def forward(self, input_ids, attention_mask, position_ids, temperature: float, targets=None, cache=None):
         if targets is None and cache is None:
             cache = kv_cache(self.lm.config)
         out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 cache=cache, use_cache=targets is None)
+                                 use_cache=targets is None, **{self.cache_name: cache})
         hidden, head = out.last_hidden_state, self.lm.get_output_embeddings().weight     # (N, P+L, d), (V, d)
-        if targets is None:
-            return fp32_logits(hidden[:, -1], head, temperature), out.cache               # (N, V)
+        if targets is None:  # the model has added this step's keys and values to `cache`
+            return fp32_logits(hidden[:, -1], head, temperature), cache                   # (N, V)
         hidden = hidden[:, -targets.shape[1] - 1:-1].flatten(0, 1)                       # (N*L, d)
         flat, parts = targets.flatten(), []
         for i in range(0, len(flat), LOGIT_CHUNK):
@@ -379,20 +383,20 @@ def sample(policy, input_ids, attention_mask, stop_ids: list[int], pad_id: int, 
     stop = torch.tensor(stop_ids, device=input_ids.device)
     done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
     x, cache, tokens, logprobs, entropies = input_ids, None, [], [], []
-    for t in range(max_new_tokens):
-        with autocast(input_ids.device, bf16):
+    with autocast(input_ids.device, bf16):  # once: the weights are cast to bf16 at the first token only
+        for t in range(max_new_tokens):
             logits, cache = policy(x, attention_mask, position_ids, temperature, cache=cache)   # (N, V)
-        log_p = logits.log_softmax(-1)
-        p = log_p.exp()
-        token = logits.argmax(-1) if noise is None else pick(p, noise[:, t], top_p, top_k)
-        token = token.masked_fill(done, pad_id)                                          # (N,)
-        tokens.append(token)
-        logprobs.append(log_p.gather(-1, token[:, None]).squeeze(-1))
-        entropies.append(-(p * log_p).sum(-1))
-        done |= torch.isin(token, stop)
-        if done.all(): break
-        x, position_ids = token[:, None], position_ids[:, -1:] + 1
-        attention_mask = torch.cat([attention_mask, torch.ones_like(x)], 1)
+            log_p = logits.log_softmax(-1)
+            p = log_p.exp()
+            token = logits.argmax(-1) if noise is None else pick(p, noise[:, t], top_p, top_k)
+            token = token.masked_fill(done, pad_id)                                      # (N,)
+            tokens.append(token)
+            logprobs.append(log_p.gather(-1, token[:, None]).squeeze(-1))
+            entropies.append(-(p * log_p).sum(-1))
+            done |= torch.isin(token, stop)
+            if done.all(): break  # the one wait for the GPU in a step
+            x, position_ids = token[:, None], position_ids[:, -1:] + 1
+            attention_mask = torch.cat([attention_mask, torch.ones_like(x)], 1)
     return torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(entropies, 1)
 
 @torch.no_grad()
@@ -409,16 +413,20 @@ def rollout(policy, tokenizer, prompts: list[list[int]], golds: list[str], n: in
     if not greedy and noise is None:
         noise = torch.rand(len(ids), cfg.max_new_tokens)
     policy = unwrap(policy).eval()  # under FSDP, call it inside full_weights(): one gather for many rollouts
-    stop_ids = policy.lm.generation_config.eos_token_id
-    response, logprobs, token_entropy = sample(
-        policy, ids, attn, stop_ids, tokenizer.pad_token_id, cfg.max_new_tokens, temperature=cfg.temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k, noise=None if greedy else noise.to(device), bf16=cfg.bf16)  # (P*n, L) x 3
+    stop_ids, pad_id, size = policy.lm.generation_config.eos_token_id, tokenizer.pad_token_id, cfg.max_num_seqs or len(ids)
+    parts = [sample(policy, ids[i:i + size], attn[i:i + size], stop_ids, pad_id, cfg.max_new_tokens,
+                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, bf16=cfg.bf16,
+                    noise=None if greedy else noise[i:i + size].to(device))
+             for i in range(0, len(ids), size)]  # --max-num-seqs rows at a time: each row's noise is its own
+    response, logprobs, token_entropy = (cat_padded([part[j] for part in parts], value)
+                                         for j, value in enumerate((pad_id, 0.0, 0.0)))  # (P*n, L) x 3
     response_mask = eos_mask(response, stop_ids)                                            # (P*n, L)
     entropy_mask = response_mask
     if cfg.entropy_span == "answer":
         think_end = tokenizer("</think>", add_special_tokens=False)["input_ids"]
         entropy_mask = answer_mask(response, response_mask, think_end)
-    texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(response, response_mask)]
+    rows = [r[m].tolist() for r, m in zip(response.cpu(), response_mask.cpu())]  # one copy from the GPU
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
     golds = [g for g in golds for _ in range(n)]
     rewards = torch.tensor([verify(t, g) for t, g in zip(texts, golds)], device=device)
     truncated = ~torch.isin(response, torch.tensor(stop_ids, device=device)).any(1)        # (P*n,)
@@ -433,6 +441,11 @@ def eos_mask(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     trained on), False for the padding after it; a truncated response is kept whole."""
     is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device)).long()
     return (is_eos.cumsum(1) - is_eos) == 0
+
+def cat_padded(xs: list[torch.Tensor], value) -> torch.Tensor:
+    """2-D tensors stacked by rows, each right-padded with `value` to the widest."""
+    width = max(x.shape[1] for x in xs)
+    return torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value) for x in xs])
 
 def cat_rollouts(parts: list[dict], keep: list[torch.Tensor], pad_id: int) -> dict:
     """The rows keep[k] (a bool per row) of each rollout parts[k], stacked into one, prompts
@@ -1036,13 +1049,18 @@ def reference_model(policy, tokenizer, cfg: Config, device, resumed: dict | None
     return ref.eval().requires_grad_(False)
 
 def kv_cache(config):
-    """transformers' DynamicCache with the keys in the values' dtype: under bf16 autocast the rotary
+    """A DynamicCache that stores the keys in the values' dtype: under bf16 autocast the rotary
     embedding makes them fp32 (1.5x the memory), and attention casts them to bf16 anyway."""
+    return kv_cache_type()(config=config)
+
+@functools.cache
+def kv_cache_type() -> type:
     from transformers import DynamicCache
-    cache = DynamicCache(config=config)
-    update = cache.update
-    cache.update = lambda keys, values, *args, **kwargs: update(keys.to(values.dtype), values, *args, **kwargs)
-    return cache
+
+    class KVCache(DynamicCache):  # a subclass, not a patched method: no reference cycle, so a rollout's
+        def update(self, keys, values, *args, **kwargs):  # cache is freed as soon as the rollout ends
+            return super().update(keys.to(values.dtype), values, *args, **kwargs)
+    return KVCache
 
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast over fp32 weights on CUDA (TRL's bf16=True): a 1e-6 update is below bf16's resolution."""
@@ -1100,7 +1118,7 @@ def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config, prefix:
     chunk = max(1, cfg.prompts_per_step // world_size * cfg.group_size // k)  # problems per rollout, as training
     empty = torch.zeros(0, device=next(policy.parameters()).device)
     parts = {key: [empty] for key in ("greedy", "sampled", "H", "truncated")}
-    with full_weights(policy) as sampler:
+    with full_weights(policy, cfg.bf16) as sampler:
         for i in tqdm(range(lo, hi, chunk), desc=f"eval {prefix or 'held-out'}", leave=False, disable=rank > 0):
             p, g = prompts[i:min(i + chunk, hi)], golds[i:min(i + chunk, hi)]
             parts["greedy"].append(rollout(sampler, tokenizer, p, g, 1, ecfg, greedy=True)["rewards"])
@@ -1207,6 +1225,10 @@ def init_distributed(cfg: Config) -> torch.device:
         raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {world_size} "
                         "processes: each takes whole groups")
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cfg.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this machine, "
+                        f"which has {torch.cuda.device_count()} GPU(s): one process a GPU (--nproc_per_node "
+                        f"{torch.cuda.device_count()})")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",  # rank 0 may write a big
@@ -1243,12 +1265,16 @@ def gradient_sync(policy, sync: bool):
         yield
 
 @contextlib.contextmanager
-def full_weights(policy):
+def full_weights(policy, bf16: bool = False):
     """The module to sample with. DDP: the module inside (its forward would sync buffers at every
-    token); FSDP: all weights gathered once for the whole generation (no decode step waits)."""
+    token). FSDP: all weights gathered once for the whole generation (no decode step waits); with
+    --bf16 into a bf16 copy (bf16_copy), which halves what is gathered."""
     from torch.distributed.fsdp import FSDPModule
     if not isinstance(policy, FSDPModule):
         yield unwrap(policy)
+        return
+    if bf16:
+        yield bf16_copy(policy)
         return
     sharded = [m for m in policy.modules() if isinstance(m, FSDPModule)]
     policy.set_reshard_after_forward(False)
@@ -1261,6 +1287,29 @@ def full_weights(policy):
             m.reshard()
         policy.set_reshard_after_forward(True)
         policy.set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root
+
+def bf16_copy(policy: Policy) -> Policy:
+    """A sharded Policy's weights, each shard cast to bf16 and then gathered, in a new model: 2 bytes a
+    parameter instead of 4, while the fp32 shards (and so the update) stay as they are. Its buffers
+    (the rotary frequencies) are kept in their own dtype."""
+    from torch.distributed.tensor import DTensor
+    with torch.device("meta"):  # no memory yet
+        lm = type(policy.lm)(policy.lm.config)
+    for p in lm.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    lm.to_empty(device=next(policy.parameters()).device)  # not initialised: every tensor is set below
+    lm.tie_weights()  # to_empty() made new tensors: a tied output layer is the embedding again
+    lm.generation_config = policy.lm.generation_config
+    with torch.no_grad():
+        for name, p in policy.lm.named_parameters():
+            x = p.detach()
+            if isinstance(x, DTensor):
+                x = DTensor.from_local(x.to_local().to(torch.bfloat16), x.device_mesh, x.placements, shape=x.shape,
+                                       stride=x.stride()).full_tensor()
+            lm.get_parameter(name).copy_(x)
+        for name, x in policy.lm.named_buffers():
+            lm.get_buffer(name).copy_(x)
+    return Policy(lm).eval()
 
 # --- checkpoints, and a run that stops and resumes ------------------------------------------------
 def generator_states(rng: random.Random, noise_rng: torch.Generator, device) -> dict:
@@ -1335,9 +1384,10 @@ def resume_point(cfg: Config, world_size: int) -> dict | None:
     if cfg.beta > 0 and not os.path.isfile(os.path.join(cfg.resume, "reference", "config.json")):
         raise UserError(f"{cfg.resume}/reference/, the frozen initial policy of --beta {cfg.beta}, is missing: "
                         "the run cannot be resumed without it")
-    if resumed["world_size"] != world_size:
-        raise UserError(f"{cfg.resume} ran on {resumed['world_size']} process(es): resume it on as many "
-                        f"(torchrun --nproc_per_node {resumed['world_size']})")
+    if resumed["world_size"] != world_size and cfg.fsdp:  # DDP's processes all hold the same state
+        raise UserError(f"{cfg.resume} ran on {resumed['world_size']} processes with --fsdp, whose optimizer "
+                        f"state is sharded by process: resume it on as many (torchrun --nproc_per_node "
+                        f"{resumed['world_size']})")
     if cfg.steps <= resumed["step"]:
         raise UserError(f"{cfg.resume} has done {resumed['step']} steps of its --steps {cfg.steps}: give --steps "
                         "N with N larger to train on")
@@ -1348,7 +1398,8 @@ def resume_point(cfg: Config, world_size: int) -> dict | None:
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:
         raise UserError(f"{resumed['path']}: {' or '.join(files)} is missing, damaged or holds more than tensors "
                         f"and plain values ({type(e).__name__}): not loaded") from None
-    resumed["generators"] = generators[rank]
+    # every process draws the same prompts and noise (and keeps its share): rank 0's serve any number
+    resumed["generators"] = generators[rank] if len(generators) == world_size else generators[0]
     for key in ("interrupted", "checkpoint_error", "last_checkpoint"):
         resumed["summary"].pop(key, None)
     return resumed
@@ -1422,6 +1473,8 @@ class Run:
                         total=total)
         for step in self.bar:
             self.consistent = False
+            if self.device.type == "cuda":  # gpu_peak_mem_gib: this step's peak
+                torch.cuda.reset_peak_memory_stats(self.device)
             yield step
 
     def end_step(self, step: int, metrics: dict):

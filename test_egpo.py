@@ -4,8 +4,10 @@ verifier, the sampler, the command line end to end (tiny model, offline) and its
     pytest -q
 """
 import copy
+import dataclasses
 import gc
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -16,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -771,6 +775,27 @@ def test_pick_draws_transformers_top_k_then_top_p_distribution():
             assert (frequencies - warped[row].softmax(-1)).abs().max() <= 1.5 / M
 
 
+@pytest.mark.parametrize("max_num_seqs", [1, 3, 5])
+def test_a_rollout_in_bounded_batches_samples_what_one_batch_does(max_num_seqs):
+    """--max-num-seqs: the rows sampled a few at a time, each from its own noise, give the same tokens,
+    masks and rewards as one batch, and the same log-probs and token entropies to float rounding
+    (another batch shape); 12 rows, prompts of three lengths, top-k and top-p on."""
+    cfg = egpo.resolve(egpo.Config(max_new_tokens=12, group_size=4, top_p=0.9, top_k=20))
+    torch.manual_seed(0)
+    model, tok = egpo.load_policy(cfg, torch.device("cpu"))
+    prompts, golds = [tok(q)["input_ids"] for q in ("12+34=", "5+7=", "123+4567=")], ["46", "12", "4690"]
+    noise = torch.rand(12, 12, generator=torch.Generator().manual_seed(1))
+    one = egpo.rollout(model, tok, prompts, golds, 4, cfg, noise=noise)
+    few = egpo.rollout(model, tok, prompts, golds, 4, dataclasses.replace(cfg, max_num_seqs=max_num_seqs), noise=noise)
+    mask = one["response_mask"]
+    assert (mask.sum(1) < 12).any() and (mask.sum(1) == 12).any()  # rows that stopped early, and rows cut off
+    for key in ("input_ids", "attention_mask", "response_mask", "entropy_mask", "truncated", "rewards"):
+        assert torch.equal(one[key], few[key]), key
+    assert one["texts"] == few["texts"]
+    for key in ("logprobs", "token_entropy"):
+        assert torch.allclose(one[key][mask], few[key][mask], rtol=0, atol=1e-5), key
+
+
 def test_chunked_logprobs_equal_the_full_vocabulary_computation(monkeypatch):
     """Values and gradients of token_logprobs, LOGIT_CHUNK positions at a time, against
     log_softmax of the model's own full logits; under bf16 autocast the kept logits stay fp32."""
@@ -1064,6 +1089,72 @@ def test_the_kv_cache_keeps_keys_and_values_in_bf16_under_autocast():
                                    eos_token_id=[1], pad_token_id=0)[:, 10:]
         tokens = egpo.sample(policy, ids, attn, [1], 0, 20)[0]
     assert torch.equal(tokens, reference)
+
+
+def weight_casts(policy, new_tokens, monkeypatch):
+    """How many times egpo.sample casts a weight (a tensor of a parameter's shape) under bf16 autocast,
+    here on the CPU (where egpo.py itself does not autocast), sampling `new_tokens` tokens."""
+    monkeypatch.setattr(egpo, "autocast", lambda device, bf16: torch.autocast("cpu", dtype=torch.bfloat16))
+    shapes = {tuple(p.shape) for p in policy.parameters()}
+    ids = torch.randint(3, 90, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        tokens = egpo.sample(policy, ids, torch.ones_like(ids), [], 0, new_tokens, bf16=True)[0]
+    assert tokens.shape[1] == new_tokens  # no stop token: every step ran
+    return sum(e.name == "aten::_to_copy" and tuple(e.input_shapes[0]) in shapes for e in prof.events())
+
+
+def test_the_sampler_casts_the_weights_once_per_rollout(monkeypatch):
+    """One autocast for the whole generation: the bf16 copies of the weights are made at the first
+    forward (2 layers x 10 weights and biases) and reused; none at the tokens after it."""
+    torch.manual_seed(0)
+    policy, _ = egpo.load_policy(egpo.resolve(egpo.Config()), torch.device("cpu"))
+    first = weight_casts(policy, 1, monkeypatch)
+    assert first == 20 and weight_casts(policy, 6, monkeypatch) == first
+
+
+def test_a_rollouts_kv_cache_is_freed_without_the_garbage_collector(monkeypatch):
+    """Reference counting alone frees each cache when its rollout ends: no cycle keeps it (and its GPU
+    memory) alive until Python's collector runs, which counts objects, not bytes."""
+    torch.manual_seed(0)
+    policy, _ = egpo.load_policy(egpo.resolve(egpo.Config()), torch.device("cpu"))
+    made, kv_cache = [], egpo.kv_cache
+    monkeypatch.setattr(egpo, "kv_cache", lambda config: made.append(weakref.ref(cache := kv_cache(config))) or cache)
+    ids = torch.randint(3, 90, (3, 5), generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(2):
+            egpo.sample(policy, ids, torch.ones_like(ids), [], 0, 4)
+        alive = [ref() is not None for ref in made]
+    finally:
+        gc.enable()
+    assert alive == [False, False]
+
+
+def test_transformers_before_5_24_name_the_cache_past_key_values(monkeypatch):
+    """A model whose forward takes past_key_values (and swallows unknown keywords), and whose output
+    has no `cache`, as before transformers 5.24: the sampler passes and keeps its cache all the same."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    torch.manual_seed(0)
+    cfg = egpo.resolve(egpo.Config())
+    policy, _ = egpo.load_policy(cfg, torch.device("cpu"))
+    ids = torch.randint(3, 90, (3, 5), generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(3, 6, generator=torch.Generator().manual_seed(1))
+    expected = egpo.sample(policy, ids, torch.ones_like(ids), [], 0, 6, noise=noise)
+    forward = modeling_qwen2.Qwen2Model.forward
+    name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"  # this version's
+
+    def before_5_24(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None, **kwargs):
+        assert "cache" not in kwargs
+        out = forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=use_cache, **{name: past_key_values})
+        return types.SimpleNamespace(last_hidden_state=out.last_hidden_state, past_key_values=past_key_values)
+
+    monkeypatch.setattr(modeling_qwen2.Qwen2Model, "forward", before_5_24)
+    got = egpo.sample(egpo.Policy(policy.lm), ids, torch.ones_like(ids), [], 0, 6, noise=noise)
+    assert all(torch.equal(x, y) for x, y in zip(got, expected))
 
 
 def test_max_grad_norm_0_means_no_clipping():
@@ -1621,6 +1712,17 @@ def test_resume_refuses_bad_input_with_one_line_and_changes_nothing(in_one_go, t
     expect_user_error(["--resume", str(run), "--steps", "4"], capsys, "has no checkpoint to resume from")
 
 
+def test_an_fsdp_run_resumes_on_as_many_processes_only(in_one_go, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(in_one_go(), run)
+    state = read_json(run / "checkpoint" / "trainer_state.json")
+    (run / "checkpoint" / "trainer_state.json").write_text(json.dumps({**state, "world_size": 2}))
+    cfg = egpo.parse_args(["--resume", str(run), "--steps", "4"])
+    assert egpo.resume_point(cfg, 1)["step"] == 3  # DDP: 2 processes' checkpoint on 1
+    with pytest.raises(egpo.UserError, match="with --fsdp, whose optimizer state is sharded by process"):
+        egpo.resume_point(dataclasses.replace(cfg, fsdp=True), 1)
+
+
 def test_a_checkpoint_is_found_after_a_kill_between_the_two_renames(in_one_go, tmp_path):
     """save_checkpoint moves checkpoint/ to checkpoint.old/, then checkpoint.new/ to checkpoint/: a
     kill in between leaves checkpoint.old/, whole, and a complete checkpoint.new/ is not trusted. A
@@ -1897,6 +1999,25 @@ def test_a_gpu_without_native_bf16_trains_in_fp32_and_says_so(monkeypatch, capsy
     assert egpo.resolve(egpo.parse_args(["--model", "some/model", "--bf16"])).bf16 is True
 
 
+def test_more_processes_than_gpus_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it, on a machine with 1 GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    expect_user_error(["--device", "cuda", "--out", str(tmp_path)], capsys, "2 processes", "1 GPU(s)",
+                      "--nproc_per_node 1")
+
+
+def test_the_peak_gpu_memory_is_each_steps_own(monkeypatch):
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    cfg = egpo.resolve(egpo.Config(steps=3))
+    run = egpo.Run(cfg, None, random.Random(0), torch.Generator(), torch.device("cuda"))
+    for step in run.steps():  # a fresh peak at the start of each step
+        assert resets == [torch.device("cuda")] * step
+
+
 # ---------------------------------------------------------------- torchrun: DDP and FSDP on CPU (gloo)
 # 17 held-out problems: shares of 8 and 9, so the processes run different numbers of rollouts
 DIST = ["--steps", "2", "--sft-steps", "0", "--eval-size", "17", "--prompts-per-step", "4", "--group-size", "4",
@@ -1916,33 +2037,35 @@ def torchrun(*args, nproc=2, **kwargs):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, **kwargs)
 
 
-@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp-stopped-and-resumed"])
-def test_two_processes_make_the_update_and_the_metrics_of_one(one_process, tmp_path, mode):
+@pytest.mark.parametrize("mode,nproc", [([], (2, 1)), ([], (1, 2)), (["--fsdp"], (2, 2))],
+                         ids=["ddp-2-then-1", "ddp-1-then-2", "fsdp-2-then-2"])
+def test_two_processes_make_the_update_and_the_metrics_of_one(one_process, tmp_path, mode, nproc):
     """torchrun with 2 CPU processes: each samples 2 of the 4 groups (the same rows as one process,
     from the same noise) and the token-mean denominator is summed over both, so after 2 steps the
     weights equal one process's to 1e-6 and so does every logged number but the timings. The two
     processes' responses have different numbers of tokens: a per-process denominator fails here.
-    The FSDP run stops after step 1 and is resumed to step 2, each process reloading its own
-    shard of AdamW's state and its own generators."""
+    Each run stops after step 1 and is resumed to step 2: under DDP on the other number of processes
+    (the prompts and noise are drawn alike on every process), under FSDP on as many, each process
+    reloading its own shard of AdamW's state."""
     from safetensors.torch import load_file
 
+    def run(n, *args):
+        return torchrun(*args, nproc=n) if n > 1 else run_cli(*args, env={"OMP_NUM_THREADS": "1"}, timeout=600)
+
+    p = run(nproc[0], *DIST, *mode, "--steps", "1", "--log-completions", "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
     if mode:
-        p = torchrun(*DIST, *mode, "--steps", "1", "--log-completions", "--out", str(tmp_path))
-        assert p.returncode == 0, p.stderr[-3000:]
         assert {f.name for f in (tmp_path / "checkpoint").glob("optimizer*")} == {"optimizer-rank0.pt",
                                                                                  "optimizer-rank1.pt"}
-        p = torchrun("--resume", str(tmp_path), "--steps", "2")
-    else:
-        p = torchrun(*DIST, "--log-completions", "--out", str(tmp_path))
+    p = run(nproc[1], "--resume", str(tmp_path), "--steps", "2")
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("pass@1") == 2  # rank 0's summary only: a table before and one after RL
-    assert read_json(tmp_path / "config.json")["world_size"] == 2
+    assert read_json(tmp_path / "config.json")["world_size"] == nproc[0]
     one, two = (load_file(d / "checkpoint" / "model.safetensors") for d in (one_process, tmp_path))
     assert set(one) <= set(two) and max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-6
     a, b = (without(read_metrics(d), egpo.TIME_KEYS) + [read_json(d / "summary.json")["after"]]
             for d in (one_process, tmp_path))
-    if mode:  # the stopped run evaluated at its last step, step 1
-        b[0] = {k: v for k, v in b[0].items() if not k.startswith("eval_")}
+    b[0] = {k: v for k, v in b[0].items() if not k.startswith("eval_")}  # the stopped run evaluated at step 1
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert_close(x, y)
@@ -1989,6 +2112,51 @@ def count_gradient_reductions(rank, port, out):
     del policy  # as egpo.main: the models freed before their process group, not at exit, where gloo's
     gc.collect()  # teardown aborted (SIGABRT) in about 1 run in 20
     torch.distributed.destroy_process_group()
+
+
+def sample_with_a_bf16_copy(rank, port, out):
+    """Worker of the test below, one of 2 gloo processes: under FSDP with --bf16, full_weights gives
+    a bf16 copy of the sharded weights, which rank 0 compares with its own unsharded model cast to
+    bf16: the weights, the buffers, and greedy and sampled tokens and log-probs."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    cfg = egpo.resolve(egpo.Config(max_new_tokens=6, group_size=4, prompts_per_step=4, fsdp=True))
+    torch.manual_seed(0)
+    policy, tok = egpo.load_policy(cfg, torch.device("cpu"))
+    reference = copy.deepcopy(policy)
+    for p in reference.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    sharded = egpo.parallelize(policy, cfg)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])  # one left-padded row
+    attn = (ids != 0).long()
+    noise = torch.rand(2, 6, generator=torch.Generator().manual_seed(0))
+    results = {}
+    with egpo.full_weights(sharded, bf16=True) as sampler:
+        ours, theirs = (dict(sampler.named_parameters()), dict(reference.named_parameters()))
+        results["weights"] = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        results["dtypes"] = {str(x.dtype) for x in ours.values()}
+        buffers = dict(reference.named_buffers())
+        results["buffers"] = all(torch.equal(x, buffers[k]) for k, x in sampler.named_buffers())
+        for name, u in (("greedy", None), ("sampled", noise)):
+            a, b = (egpo.sample(m, ids, attn, [1], 0, 6, noise=u) for m in (sampler, reference))
+            results[name] = all(torch.equal(x, y) for x, y in zip(a, b))
+    if rank == 0:
+        torch.save(results, out)
+    del policy, sharded, sampler
+    gc.collect()
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_with_bf16_samples_from_a_bf16_copy_of_its_weights(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(sample_with_a_bf16_copy, args=(port, tmp_path / "out.pt"), nprocs=2)
+    assert torch.load(tmp_path / "out.pt") == {"weights": True, "dtypes": {"torch.bfloat16"}, "buffers": True,
+                                               "greedy": True, "sampled": True}
 
 
 def test_gradients_are_reduced_once_per_optimizer_step(tmp_path):
@@ -2234,14 +2402,24 @@ def test_trl_comparison_script_times_egpo_and_trl_when_it_is_installed(capsys):
 
 
 def test_gpu_check_script_on_the_cpu(tmp_path, capsys, monkeypatch):
-    """The GPU check's code on the tiny shape and the CPU: the resumed run equals the straight one
-    exactly here, and the KV cache is bf16 under autocast. On a machine without CUDA, --device cuda
-    says it needs a GPU."""
-    script("gpu_check").main(["--device", "cpu", "--shape", "tiny", "--steps", "2", "--new-tokens", "4",
-                              "--out", str(tmp_path)])
-    report = read_json(tmp_path / "gpu_check.json")
-    assert report["resumed: max weight difference to the straight run"] == 0.0
-    assert report["KV cache dtypes under bf16 autocast"] == ["torch.bfloat16"] and report["median clip_frac"] == 0
+    """The GPU check's code on the tiny shape and the CPU, with one stage made to fail: the report
+    holds every stage, the failed one with its error and output, and nothing else goes to OUT. Here
+    the resumed run equals the straight one exactly, the sampler's log-probs are the update's, the
+    weights are cast once, and the FSDP bf16 copy is the weights. Without CUDA, --device cuda says
+    it needs a GPU."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    script("gpu_check").main(["--device", "cpu", "--shape", "tiny", "--steps", "2", "--new-tokens", "4", "--out",
+                              str(out), "--work", str(work), "--fail", "kv_cache"])
+    report = read_json(out / "gpu_check.json")
+    assert os.listdir(out) == ["gpu_check.json"] and (work / "model" / "config.json").is_file()
+    assert report["kv_cache"]["error"] == "RuntimeError: failed on purpose (--fail)"
+    assert "Traceback" in report["kv_cache"]["output_tail"] and "sampler_vs_generate" in report
+    assert report["train"]["median clip_frac"] == 0
+    assert report["resume"] == {"max weight difference to the straight run": 0.0}
+    assert report["left_padding"]["greedy tokens equal to generate's"] == 1.0
+    assert report["left_padding"]["max (nats)"] < 1e-4
+    assert report["casts"] == {"weight casts at the first token": 10, "at each token after it": 0}  # 1 layer
+    assert report["fsdp_bf16"]["bf16 copy equals the weights cast to bf16"] is True
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as e:
         script("gpu_check").main(["--out", str(tmp_path)])

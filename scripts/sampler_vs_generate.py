@@ -4,7 +4,7 @@ Both sample the same batch from the same model for the same number of new tokens
 rarely stops early, so every row runs to the end); the last of --rounds timings counts.
 
     python scripts/sampler_vs_generate.py                      # CPU: the tiny model, fp32, one thread, 64 x 32
-    python scripts/gpu_check.py --only model --out /tmp/gpu    # then, on a GPU, with a 0.5B-shaped model:
+    python scripts/gpu_check.py --only model --work /tmp/gpu    # then, on a GPU, with a 0.5B-shaped model:
     python scripts/sampler_vs_generate.py --model /tmp/gpu/model --device cuda --new-tokens 256
 """
 import argparse
@@ -49,6 +49,7 @@ def main(argv=None):
             sync()
         return n / (time.perf_counter() - t)
 
+    # on CUDA both run under one bf16 autocast for the whole generation (egpo.sample enters its own)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
         hf = tokens_per_s(lambda: args.rows * (lm.generate(
             input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, max_new_tokens=args.new_tokens,
