@@ -255,8 +255,7 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
                                     lambda_max=cfg.lambda_max, nsr=cfg.nsr, renorm=cfg.renorm)
     elif cfg.algo == "edge-grpo":  # Table 1's EDGE-GRPO: w = clip(Pbar / (P + 1e-6), 0.5, 2) for all, no NSR,
         p = (batch["token_entropy"] * mask).sum(1) / mask.sum(1)  # P: the full distribution's mean entropy
-        adv_tilde = egpo_advantages(rewards, p, G, calibration="symmetric", lambda_min=0.5, lambda_max=2.0,
-                                    nsr="off", eps_h=1e-6)
+        adv_tilde = confidence_ratio(p, G, eps_h=1e-6).clamp(0.5, 2.0) * adv
     else:  # grpo, dapo
         adv_tilde = adv
     chunks = micro_batches(len(ids), int(all_reduce(ids.shape[1], ids.device, "max")), cfg)
