@@ -1602,6 +1602,10 @@ def resolve(cfg: Config) -> Config:
             print("egpo: this GPU has no native bf16: training in fp32 (--bf16 forces bf16 autocast)")
     if cfg.sft_steps is None:  # a checkpoint of the tiny model is warmed up already
         cfg.sft_steps = 500 * cfg.toy_digits if cfg.model == "tiny" and cfg.dataset == "toy" else 0
+    if tiny and cfg.dataset != "toy" and not cfg.sft_steps and not cfg.resume:
+        print(f"egpo: the tiny model knows only the toy task ('47+38=' -> '...#### 85'); on {cfg.dataset} it gets "
+              "no warm-up and prompts it never saw ('Question: ... Answer:'), so expect 0% reward. To let it learn "
+              "a file, give the file worked solutions ('... #### 42') and pass --sft-steps N")
     paper = {"eval_temperature": ("temperature", 0.6), "eval_top_p": ("top_p", 0.95), "eval_top_k": ("top_k", 20),
              "eval_max_new_tokens": ("max_new_tokens", None)}  # the paper's evaluation protocol (Section 4.1)
     for name, (training, value) in paper.items():

@@ -2334,6 +2334,15 @@ def test_unknown_model_with_the_hub_unreachable(tmp_path):
     assert "pass a local path" in err and "python egpo.py" in err
 
 
+def test_the_tiny_model_on_a_file_says_what_it_needs_to_learn(tmp_path, capsys):
+    egpo.resolve(egpo.parse_args(["--dataset", str(tmp_path / "mine.jsonl")]))
+    out = capsys.readouterr().out
+    assert "expect 0% reward" in out and "--sft-steps N" in out and "#### 42" in out
+    egpo.resolve(egpo.parse_args([]))  # the toy task: nothing to say
+    egpo.resolve(egpo.parse_args(["--dataset", str(tmp_path / "mine.jsonl"), "--sft-steps", "100"]))
+    assert capsys.readouterr().out == ""
+
+
 def test_dataset_errors(tmp_path, capsys):
     missing = str(tmp_path / "nope.jsonl")
     expect_user_error(["--dataset", missing, "--out", str(tmp_path)], capsys, "does not exist")
