@@ -2493,46 +2493,183 @@ def test_gpu_check_script_on_the_cpu(tmp_path, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------- the notebook
+def notebook():
+    return json.loads((HERE / "tiny_demo.ipynb").read_text())
+
+
+def notebook_namespace(*tags):
+    """The source of tiny_demo.ipynb's cells tagged `tags` (in this order), executed here: the checker, the
+    conclusions, the reference solutions, without running the notebook."""
+    namespace = {}
+    for tag in tags:
+        for cell in notebook()["cells"]:
+            if cell["cell_type"] == "code" and tag in cell["metadata"].get("tags", []):
+                exec("".join(cell["source"]), namespace)
+    return namespace
+
+
+def notebook_evidence(nb):
+    """From an executed notebook: the seeds and numbers of its per-seed table, as printed, and the
+    conclusions it printed under the table."""
+    outputs = [o for cell in nb["cells"] if cell["cell_type"] == "code" for o in cell.get("outputs", [])]
+    per_seed = next(md for o in outputs
+                    if (md := "".join(o.get("data", {}).get("text/markdown", ""))).startswith("**Each seed**"))
+    rows = [line.strip("|").split("|") for line in per_seed.splitlines() if re.match(r"\| \d+ \|", line)]
+    column = lambda i: [float(row[i]) for row in rows]  # noqa: E731
+    table = {"greedy accuracy": (" points", 1, column(3), column(4)),
+             "sampled accuracy": (" points", 1, column(6), column(7)),
+             "AUROC of −H": ("", 3, column(9), column(10)), "entropy gap": ("", 3, column(12), column(13))}
+    printed = next(text for o in outputs if (text := "".join(o.get("text", ""))).startswith("CPU capability"))
+    return [int(row[0]) for row in rows], table, printed.splitlines()[1:]
+
+
+def test_notebook_conclusions_follow_the_table():
+    """The sentences under the evidence table come from `conclusions`, a pure function of the table's
+    numbers: its signs and counts of seeds follow made-up tables where EGPO is above, below, mixed, tied."""
+    conclusions = notebook_namespace("conclusions")["conclusions"]
+    acc = lambda grpo, egpo_: {"greedy accuracy": (" points", 1, grpo, egpo_)}  # noqa: E731
+    above = conclusions([0, 1, 2], acc([70.0, 80.0, 90.0], [71.0, 80.5, 92.0]))
+    assert above[0].startswith("greedy accuracy: EGPO − GRPO = +1.0, +0.5, +2.0 points on seeds 0, 1, 2; "
+                               "EGPO above GRPO on 3 of 3, below on 0; mean +1.2 points")
+    assert "spans 20.0 points from seed to seed, more than that mean" in above[0]
+    assert "EGPO ahead on all 3 seeds happens one time in 8" in above[0]
+    below = conclusions([0, 1, 2], acc([70.0, 80.0, 90.0], [60.0, 79.0, 85.0]))[0]
+    assert "EGPO above GRPO on 0 of 3, below on 3; mean -5.3 points" in below and "GRPO ahead on all 3" in below
+    mixed = conclusions([0, 1, 2, 3], acc([70.0, 71.0, 72.0, 73.0], [80.0, 60.0, 72.0, 90.0]))[0]
+    assert "above GRPO on 2 of 4, below on 1, equal on 1; mean +4.0 points" in mixed
+    assert "spans 3.0 points from seed to seed, less than that mean" in mixed and "ahead on all" not in mixed
+    one = conclusions([0], {"AUROC of −H": ("", 3, [0.8], [0.85])})
+    assert one[0] == ("AUROC of −H: EGPO − GRPO = +0.050 on seed 0; EGPO above GRPO on 1 of 1, below on 0; one seed "
+                      "shows no spread between seeds to weigh this difference against.")
+    assert one[-1].startswith("Whatever these signs, 1 seed of this toy cannot rank the methods")
+
+
+def test_committed_notebook_prints_the_conclusions_of_its_own_table():
+    """tiny_demo.ipynb is committed executed: what it printed under its per-seed table is what
+    `conclusions` says of that table's numbers, it names the machine's CPU capability, and its
+    exercises are shipped not attempted."""
+    nb = notebook()
+    seeds, table, printed = notebook_evidence(nb)
+    assert seeds and printed == notebook_namespace("conclusions")["conclusions"](seeds, table)
+    text = "".join("".join(o.get("text", "")) for cell in nb["cells"] if cell["cell_type"] == "code"
+                   for o in cell["outputs"])
+    assert re.search(r"this machine: .*CPU capability \w+", text)
+    assert text.count("not attempted yet") == 4 and text.count("agrees with egpo.py") == 4
+    exercises = ["".join(cell["source"]) for cell in nb["cells"] if "exercise" in cell["metadata"].get("tags", [])]
+    assert len(exercises) == 4 and all("raise NotImplementedError()" in source for source in exercises)
+
+
+def test_notebook_markdown_states_no_results_of_its_own():
+    """A markdown cell holds no result of a run (another CPU would contradict it): its numbers are the
+    method's constants, or quotes of docs/results.md, which it links, with the intervals written there."""
+    constants = {"2602.22751", "0.8", "0.14", "0.5", "0.01", "4.4", "95%"}
+    results = (HERE / "docs" / "results.md").read_text()
+    for cell in notebook()["cells"]:
+        source = "".join(cell["source"])
+        if cell["cell_type"] != "markdown":
+            continue
+        numbers = set(re.findall(r"[+\-−]?\d+(?:\.\d+)?%|[+\-−]?\d+\.\d+", source)) - constants
+        if numbers:
+            assert "docs/results.md" in source, numbers
+            assert all(x.lstrip("+").rstrip("%") in results for x in numbers), numbers
+            for interval in re.findall(r"[+-]\d+\.\d+ \[[+-]\d+\.\d+, [+-]\d+\.\d+\]", source):
+                assert interval in results, interval
+
+
+PLANTED = {  # one mistake per exercise, and the hint that must come with it
+    "Eq. 5": (lambda logprobs, mask: -(logprobs * mask).sum(-1) / logprobs.shape[-1],
+              "only the tokens of S_i count"),
+    "Eqs. 7-8": (lambda rewards, entropy, group_size, lambda_min=0.8, lambda_max=2.0:
+                 egpo.confidence_ratio(entropy, group_size).clamp(lambda_min, lambda_max),  # C1's rule
+                 "never weakened: w = max(1, c)"),
+    "Eqs. 11, 13": (lambda entropy, group_size, lambda_min=0.8, lambda_max=2.0: -torch.ones_like(entropy),  # C4's
+                    "so Ã = −0.8: the most unsure are pushed gently"),
+    "Eq. 12": (lambda logprobs, old_logprobs, advantages, mask, clip_eps_low=0.2, clip_eps_high=0.2:
+               egpo.masked_mean(-torch.exp(logprobs - old_logprobs).clamp(1 - clip_eps_low, 1 + clip_eps_high)
+                                * advantages[:, None], mask),  # the clipped term alone, no min
+               "a clip never removes a penalty"),
+}
+
+
+def test_notebook_checker_passes_egpo_and_catches_planted_mistakes():
+    """Each exercise's `check` passes egpo.py's function and the appendix's solution, says "not attempted"
+    for a stub, and stops a planted mistake at its first failing case with the equation's hint."""
+    ns = notebook_namespace("checker")
+    check = ns["check"]
+
+    def weights(rewards, entropy, group_size, lambda_min=0.8, lambda_max=2.0):  # Eq. 8 on egpo.py's Eq. 7
+        c = egpo.confidence_ratio(entropy, group_size).clamp(lambda_min, lambda_max)
+        return torch.where(rewards > 0, c.clamp(min=1.0), c.clamp(max=1.0))
+
+    references = {"Eq. 5": egpo.sequence_entropy, "Eqs. 7-8": weights,
+                  "Eqs. 11, 13": lambda entropy, group_size, **kw: egpo.egpo_advantages(
+                      torch.zeros_like(entropy), entropy, group_size, **kw),
+                  "Eq. 12": lambda *args, **kw: egpo.policy_loss(*args, **kw)[0]}
+    for exercise, reference in references.items():
+        check(exercise, reference, strict=True)
+        with pytest.raises(AssertionError, match="not attempted yet"):
+            check(exercise, lambda **kw: None, strict=True)
+        mistake, hint = PLANTED[exercise]
+        with pytest.raises(AssertionError) as failure:
+            check(exercise, mistake, strict=True)
+        assert hint in str(failure.value) and "expected" in str(failure.value)
+    solutions = notebook_namespace("checker", "solution")  # each solution cell checks itself, strictly here
+    for name in ("entropy_proxy", "calibration_weights", "nsr_advantages", "ppo_clip_loss"):
+        exercise = {"entropy_proxy": "Eq. 5", "calibration_weights": "Eqs. 7-8", "nsr_advantages": "Eqs. 11, 13",
+                    "ppo_clip_loss": "Eq. 12"}[name]
+        solutions["check"](exercise, solutions[f"{name}_solution"], strict=True)
+
+
 @pytest.mark.skipif(not os.environ.get("EGPO_NOTEBOOK"), reason="executes tiny_demo.ipynb (minutes): "
                                                               "EGPO_NOTEBOOK=1 pytest -q -k notebook")
 def test_tiny_demo_notebook_runs_end_to_end(tmp_path, monkeypatch):
-    """Executes every cell of tiny_demo.ipynb (its 9 training runs included, a few minutes):
-    nbclient raises on the first cell that fails, and the hand-computed NSR cell asserts that it
-    agrees with egpo_advantages."""
+    """Executes every cell of tiny_demo.ipynb on two seeds, with a prediction written in section 7 so that
+    its run happens too, started from docs/ (a few minutes): nbclient raises on the first cell that fails. The folders of an
+    earlier execution are replaced, any other folder is left alone, and what it prints under the evidence
+    table is what `conclusions` says of that table."""
     import nbformat
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("EGPO_NOTEBOOK_OUT", str(tmp_path))  # the kernel inherits it: runs land here
+    for stale in ("warm-s0", "egpo-s1", "elsewhere"):
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "config.json").write_text("{}")
+    monkeypatch.setenv("EGPO_NOTEBOOK_OUT", str(tmp_path))  # the kernel inherits both: runs land here
+    monkeypatch.setenv("EGPO_NOTEBOOK_SEEDS", "0,1")
     nb = nbformat.read(HERE / "tiny_demo.ipynb", as_version=4)
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    prediction = next(cell for cell in nb.cells if cell.source.startswith("PREDICTION = "))
+    prediction.source = 'PREDICTION = "a test: no prediction"'
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(HERE / "docs")}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5
-    assert (tmp_path / "quadrants.png").is_file()
-    for seed in (0, 1, 2):
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 6
+    assert (tmp_path / "quadrants.png").is_file() and (tmp_path / "elsewhere" / "config.json").is_file()
+    for seed in (0, 1):
         warmup = read_json(tmp_path / f"warm-s{seed}" / "summary.json")
         assert warmup["steps_done"] == 0 and 0 < warmup["sft_steps_done"] <= 1000
         for algo in ("grpo", "egpo"):
             summary = read_json(tmp_path / f"{algo}-s{seed}" / "summary.json")
             assert summary["steps_done"] == 100 and 0 <= summary["after"]["eval_acc"] <= 1
+    assert read_json(tmp_path / "nsr-off-s0" / "config.json")["nsr"] == "off"
     text = "".join(o.get("text", "") for o in outputs)
-    assert "by hand == egpo.egpo_advantages" in text and text.count("EGPO above GRPO in") == 4
-    evidence = next(o["data"]["text/markdown"] for o in outputs
-                    if "all-wrong groups |" in o.get("data", {}).get("text/markdown", ""))
-    assert [line.split(" |")[0] for line in evidence.splitlines()[2:]] == ["| GRPO", "| EGPO"]
+    assert "by hand == egpo.egpo_advantages" in text and "equals the warm-up run's own: True" in text
+    assert "the largest change is 0.0e+00 (A = 0: no gradient)" in text and "Your prediction was" in text
+    assert text.count("not attempted yet") == 4 and text.count("agrees with egpo.py") == 4
+    seeds, table, printed = notebook_evidence(nb)
+    assert seeds == [0, 1] and printed == notebook_namespace("conclusions")["conclusions"](seeds, table)
 
 
 def test_readme_evidence_table_is_the_committed_notebook_output():
-    """The README copies the notebook's evidence table: re-executing one without updating the
-    other fails here."""
-    import nbformat
-
-    nb = nbformat.read(HERE / "tiny_demo.ipynb", as_version=4)
-    tables = [o["data"]["text/markdown"] for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
-              if "all-wrong groups |" in o.get("data", {}).get("text/markdown", "")]
-    assert len(tables) == 1
-    rows = [line for line in tables[0].splitlines() if line.startswith(("| GRPO |", "| EGPO |"))]
+    """The README copies the notebook's evidence table, and docs/results.md its per-seed table:
+    re-executing the notebook without updating them fails here."""
+    outputs = [o for cell in notebook()["cells"] if cell["cell_type"] == "code" for o in cell["outputs"]]
+    tables = ["".join(o["data"]["text/markdown"]) for o in outputs if "text/markdown" in o.get("data", {})]
+    summary = next(t for t in tables if t.startswith("**After 100 RL steps"))
+    rows = [line for line in summary.splitlines() if line.startswith(("| GRPO |", "| EGPO |"))]
     assert len(rows) == 2
     readme = (HERE / "README.md").read_text()
     for row in rows:
         assert row in readme, row
+    per_seed = next(t for t in tables if t.startswith("**Each seed**"))
+    results = (HERE / "docs" / "results.md").read_text()
+    for row in [line for line in per_seed.splitlines() if re.match(r"\| \d+ \|", line)]:
+        assert row in results, row
