@@ -10,23 +10,25 @@ down instead of ignored.
     python egpo.py --algo grpo                # the same run with GRPO (also dapo, edge-grpo)
     python egpo.py --calibration symmetric    # an ablation of the paper's Table 2 (C1)
     python egpo.py --model Qwen2.5-0.5B       # a real model on GSM8K (CUDA, bf16 autocast)
-    torchrun --nproc_per_node 8 egpo.py --model Qwen2.5-Math-7B --fsdp    # 8 GPUs, the model sharded
+    torchrun --nproc_per_node 8 egpo.py --model Qwen2.5-Math-7B --fsdp    # 8 GPUs, sharded
     python egpo.py --resume runs/<run>        # continue a stopped run where it stopped
 
 Part I, the method, in the order of Algorithm 1:
     Eq. 5           entropy proxy H_i: mean NLL of the sampled response    sequence_entropy
     Eq. 2           GRPO advantage A_i                                      grpo_advantages
     Eq. 7           raw confidence weight w^_i = Hbar / (H_i + eps_H)       confidence_ratio
-    Eqs. 8-11, 13   clamp, renorm, group types, NSR: A~_i = w_i A_i         egpo_advantages
+    Eqs. 8-9        asymmetric clamp (and renorm): the weight w_i           calibration_weights
+    Eqs. 10-11, 13  group types, NSR: A~_i = w_i A_i                        egpo_advantages
     Eq. 12          PPO-clip surrogate + k3 KL                              policy_loss
-    Algorithm 1     sample, verify, Eqs. 5, 2, 7-13, update                 sample_batch, rl_step
-                    the sampler (prefill + KV cache) and its log-probs      sample, Policy
+    Algorithm 1     sample and verify; Eqs. 5, 2, 7-13; update              sample_batch, rl_step
+                    the sampler (prefill + KV cache) and its log-probs      sample, rollout
                     warm-up, RL steps, evaluation, checkpoints              train
-Part II is an appendix of plumbing, to skip on a first read: the verifier, datasets and prompts,
-model loading, step metrics and evaluation, torchrun, checkpoints, the flags' checks and main.
+Part II is an appendix of plumbing, to skip on a first read: the model's forward and the update's
+micro-batches, the verifier, datasets and prompts, model loading, step metrics and evaluation,
+torchrun, checkpoints and the run's files, the flags' checks and main.
 """
-import argparse, contextlib, copy, dataclasses, datetime, functools, gc, inspect, json, math, os, pickle, random
-import re, shutil, signal, string, sys, time, uuid
+import argparse, contextlib, copy, dataclasses, datetime, functools, gc, inspect, json, math, os
+import pickle, random, re, shutil, signal, string, sys, time, uuid
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -38,97 +40,104 @@ from tqdm.auto import tqdm  # tqdm ships with transformers and datasets
 # Part I: the method
 # ==================================================================================================
 def flag(default, help, choices=None, check=None):
-    """A Config field: default, one line of --help, and its `choices` ('a b c') or range `check` ('(0, 1]')."""
-    return field(default=default, metadata={"help": help, "choices": choices and choices.split(), "check": check})
+    """A Config field: its default, one line of --help, and its `choices` ('a b c') or its range
+    `check` ('(0, 1]')."""
+    return field(default=default,
+                 metadata={"help": help, "choices": choices and choices.split(), "check": check})
 
 @dataclass
 class Config:
-    """Every flag of `python egpo.py`. A default of None is "auto", shown as [tiny / real models] (resolve)."""
+    """Every flag of `python egpo.py`. A default of None is "auto": AUTO's, or resolve()'s."""
     # --- the run
-    model: str = flag("tiny", "tiny (built here), an alias such as Qwen2.5-0.5B, a hub id or a local dir")
-    dataset: str = flag(None, "toy | gsm8k | math500 | openr1 | a local file | NAME=PATH [toy / gsm8k]")
+    model: str = flag("tiny", "tiny (built here), an alias such as Qwen2.5-0.5B, a hub id or a dir")
+    dataset: str = flag(None, "toy | gsm8k | math500 | openr1 | a local file | NAME=PATH")
     device: str = flag("auto", "cpu | cuda [cpu for tiny; cuda, if there is one]", "auto cpu cuda")
     seed: int = flag(0, "seed of the tiny model's init, the data and the sampling")
     out: str = flag(None, "folder of the run's files and checkpoint/ [runs/<time>-<algo>-<model>]")
     resume: str = flag(None, "continue the run in this folder from its last checkpoint")
     overwrite: bool = flag(False, "replace the run that --out holds (its files are deleted first)")
-    steps: int = flag(None, "RL steps; 0 = only the warm-up and an evaluation [100 / 200]", check=">= 0")
+    steps: int = flag(None, "RL steps; 0 = only the warm-up and an evaluation", check=">= 0")
     # --- the algorithm: Table 1's baselines are --algo values, Table 2's ablations flags
     algo: str = flag("egpo", "egpo | grpo | dapo | edge-grpo (Table 1)", "egpo grpo dapo edge-grpo")
-    calibration: str = flag("asymmetric", "Eq. 8: asymmetric | symmetric (C1) | neg-only (C2) | pos-only (C3)",
-                            "asymmetric symmetric neg-only pos-only")
+    calibration: str = flag("asymmetric", "Eq. 8: asymmetric | symmetric (C1) | neg-only (C2) | "
+                            "pos-only (C3)", "asymmetric symmetric neg-only pos-only")
     lambda_min: float = flag(0.8, "Eq. 8: lower clamp of the weight", check="(0, 1]")
     lambda_max: float = flag(2.0, "Eq. 8: upper clamp of the weight", check=">= 1")
-    nsr: str = flag("entropy", "all-wrong groups, Eq. 13: entropy | flat (C4) | off (as GRPO)", "entropy flat off")
+    nsr: str = flag("entropy", "all-wrong groups, Eq. 13: entropy | flat (C4) | off (as GRPO)",
+                    "entropy flat off")
     renorm: str = flag("none", "Eq. 9, w / mean(w): none | after-clamp (C5) | before-clamp (C6)",
                        "none after-clamp before-clamp")
-    entropy_span: str = flag("response", "Eq. 5's tokens: response | answer (after </think>); under another "
-                                         "--algo: only the logged entropies", "response answer")
-    max_resample: int = flag(10, "dapo: sampling rounds at most to fill a batch with mixed groups", check=">= 1")
+    entropy_span: str = flag("response", "Eq. 5's tokens: response | answer (after </think>); under "
+                             "another --algo: only the logged entropies", "response answer")
+    max_resample: int = flag(10, "dapo: sampling rounds at most to fill a batch with mixed groups",
+                             check=">= 1")
     # --- sampling
     prompts_per_step: int = flag(8, "B: prompts per RL step", check=">= 1")
     group_size: int = flag(8, "G: responses per prompt (TRL: num_generations)", check=">= 2")
-    max_new_tokens: int = flag(None, "longest response [40 / 512]", check=">= 1")
-    temperature: float = flag(1.0, "sampling temperature; log-probs are of logits / temperature", check="> 0")
+    max_new_tokens: int = flag(None, "longest response", check=">= 1")
+    temperature: float = flag(1.0, "sampling temperature; log-probs are of logits / temperature",
+                              check="> 0")
     top_p: float = flag(1.0, "nucleus sampling mass (1 = off)", check="(0, 1]")
     top_k: int = flag(0, "sample from the k likeliest tokens only (0 = off)", check=">= 0")
-    max_num_seqs: int = flag(None, "responses sampled at once, a bound on the KV cache (vLLM, verl) [all]",
-                             check=">= 1")
+    max_num_seqs: int = flag(None, "responses sampled at once, a bound on the KV cache (vLLM, verl) "
+                             "[all]", check=">= 1")
     thinking: bool = flag(False, "Qwen3's chat template in thinking mode")
     # --- the update
-    lr: float = flag(None, "AdamW learning rate [1e-4 / 1e-6]", check="> 0")
-    beta: float = flag(0.0, "weight of the k3 KL to the initial policy (0 = no reference model)", check=">= 0")
-    clip_eps_low: float = flag(0.2, "PPO clip: ratio >= 1 - clip_eps_low (TRL: epsilon)", check="[0, 1)")
-    clip_eps_high: float = flag(None, "PPO clip: ratio <= 1 + clip_eps_high [0.28 for dapo, else 0.2]", check=">= 0")
+    lr: float = flag(None, "AdamW learning rate", check="> 0")
+    beta: float = flag(0.0, "weight of the k3 KL to the initial policy (0 = no reference model)",
+                       check=">= 0")
+    clip_eps_low: float = flag(0.2, "PPO clip: ratio >= 1 - clip_eps_low (TRL: epsilon)",
+                               check="[0, 1)")
+    clip_eps_high: float = flag(None, "PPO clip: ratio <= 1 + clip_eps_high [0.28 for dapo, else 0.2]",
+                                check=">= 0")
     loss_agg: str = flag("token-mean", "token-mean (TRL: dapo) | seq-mean-token-mean (TRL: grpo)",
                          "token-mean seq-mean-token-mean")
     mu: int = flag(1, "optimizer steps on each sampled batch (PPO epochs)", check=">= 1")
     max_grad_norm: float = flag(1.0, "gradient-norm clipping (0 = no clipping)", check=">= 0")
-    micro_batch_size: int = flag(None, "responses per forward and backward [by --micro-batch-tokens]", check=">= 1")
-    micro_batch_tokens: int = flag(None, "tokens per forward and backward (verl) [all / 8192]", check=">= 1")
+    micro_batch_size: int = flag(None, "responses per forward and backward [by --micro-batch-tokens]",
+                                 check=">= 1")
+    micro_batch_tokens: int = flag(None, "tokens per forward and backward (verl)", check=">= 1")
     gradient_checkpointing: bool = flag(False, "trade compute for memory in the update")
     fsdp: bool = flag(False, "under torchrun: shard the model over the processes (FSDP2), not DDP")
-    bf16: bool = flag(None, "bf16 autocast over fp32 weights, on CUDA only [off / on]")
+    bf16: bool = flag(None, "bf16 autocast over fp32 weights, on CUDA only [on if the GPU has bf16]")
     # --- the tiny model's warm-up and the toy task
-    sft_steps: int = flag(None, "supervised warm-up steps, at most [500 x --toy-digits / 0]", check=">= 0")
-    sft_target: float = flag(0.5, "end the warm-up at this greedy accuracy (0 = all its steps)", check="[0, 1]")
+    sft_steps: int = flag(None, "supervised warm-up steps, at most", check=">= 0")
+    sft_target: float = flag(0.5, "end the warm-up at this greedy accuracy (0 = all its steps)",
+                             check="[0, 1]")
     sft_lr: float = flag(3e-3, "learning rate of the warm-up", check="> 0")
     sft_batch_size: int = flag(64, "batch size of the warm-up", check=">= 1")
-    toy_digits: int = flag(2, "operand digits of the toy additions (3: many all-wrong groups)", check=">= 1")
+    toy_digits: int = flag(2, "operand digits of the toy additions (3: many all-wrong groups)",
+                           check=">= 1")
     # --- evaluation and checkpoints
-    eval_datasets: str = flag(None, "math500, aime24, minerva, gsm8k, mmlu-stem, files: instead of held-out")
-    eval_samples: int = flag(None, "k: sampled answers per problem, for pass@1 [1 / 8]", check=">= 1")
-    eval_temperature: float = flag(None, "evaluation temperature [--temperature / 0.6]", check="> 0")
-    eval_top_p: float = flag(None, "evaluation top-p [--top-p / 0.95]", check="(0, 1]")
-    eval_top_k: int = flag(None, "evaluation top-k [--top-k / 20]", check=">= 0")
-    eval_max_new_tokens: int = flag(None, "longest evaluation answer [--max-new-tokens]", check=">= 1")
-    eval_every: int = flag(None, "evaluate every N steps; 0 = before and after RL only [0 / 50]", check=">= 0")
+    eval_datasets: str = flag(None, "math500, aime24, minerva, gsm8k, mmlu-stem, files: instead of "
+                              "the held-out split")
+    eval_samples: int = flag(None, "k: sampled answers per problem, for pass@1", check=">= 1")
+    eval_temperature: float = flag(None, "evaluation temperature", check="> 0")
+    eval_top_p: float = flag(None, "evaluation top-p", check="(0, 1]")
+    eval_top_k: int = flag(None, "evaluation top-k", check=">= 0")
+    eval_max_new_tokens: int = flag(None, "longest evaluation answer", check=">= 1")
+    eval_every: int = flag(None, "evaluate every N steps; 0 = before and after RL only", check=">= 0")
     eval_size: int = flag(200, "problems of the training set held out for evaluation", check=">= 0")
-    save_every: int = flag(None, "write checkpoint/ every N steps; 0 = at the end only [0 / 50]", check=">= 0")
-    log_completions: bool = flag(False, "write every sampled response to completions.jsonl (TRL's name)")
+    save_every: int = flag(None, "write checkpoint/ every N steps; 0 = at the end only", check=">= 0")
+    log_completions: bool = flag(False, "write every sampled response to completions.jsonl (TRL)")
 
-AUTO = {"steps": (100, 200), "max_new_tokens": (40, 512), "lr": (1e-4, 1e-6), "micro_batch_tokens": (None, 8192),
-        "eval_every": (0, 50), "save_every": (0, 50), "eval_samples": (1, 8)}  # (tiny, real models)
+# The auto defaults: (the tiny model's, real models'), shown in --help as [tiny / real]. A value
+# '--x' is flag x's value; the evaluation's for real models are the paper's (Section 4.1).
+AUTO = {"dataset": ("toy", "gsm8k"), "steps": (100, 200), "max_new_tokens": (40, 512),
+        "lr": (1e-4, 1e-6), "micro_batch_tokens": (None, 8192), "sft_steps": ("500 x --toy-digits", 0),
+        "eval_samples": (1, 8), "eval_temperature": ("--temperature", 0.6), "eval_top_p": ("--top-p", 0.95),
+        "eval_top_k": ("--top-k", 20), "eval_max_new_tokens": ("--max-new-tokens", "--max-new-tokens"),
+        "eval_every": (0, 50), "save_every": (0, 50)}
 
 # --- Eq. 5: the entropy proxy ---------------------------------------------------------------------
 def sequence_entropy(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Eq. 5: H_i = -(1/|S_i|) sum_{t in S_i} log pi_old(o_t | q, o_<t), the mean NLL of the sampled
-    response (a one-sample estimate of the policy's entropy), free from the sampler's log-probs. `mask`
-    marks S_i (the response, or answer_mask's). Detached; NaN if S_i is empty (Eq. 7 then skips it)."""
+    response (a one-sample estimate of the policy's entropy). `logprobs` are the ones the sampler
+    computed as it sampled, so it costs no forward pass; they feed Eq. 5 only. `mask` marks S_i (the
+    response, or answer_mask's). Detached; NaN if S_i is empty (Eq. 7 then skips it)."""
     mask = mask.to(logprobs.dtype)
     n = mask.sum(-1)                                                                     # (N,)
     return torch.where(n > 0, -(logprobs.detach() * mask).sum(-1) / n.clamp(min=1), float("nan"))
-
-def answer_mask(response: torch.Tensor, mask: torch.Tensor, marker: list[int]) -> torch.Tensor:
-    """--entropy-span answer (RQ4): the response tokens after the last `marker` (the ids of '</think>'),
-    or the whole response if it has none."""
-    k = len(marker)
-    if k == 0 or response.shape[1] < k: return mask
-    windows = response.unfold(1, k, 1)                                                   # (N, L-k+1, k)
-    hits = (windows == torch.tensor(marker, device=response.device)).all(-1) & mask[:, k - 1:]
-    last = torch.where(hits, torch.arange(hits.shape[1], device=response.device), -1).amax(1, keepdim=True)
-    after = torch.arange(response.shape[1], device=response.device) >= last + k          # (N, L)
-    return mask & torch.where(last >= 0, after, True)
 
 # --- Eq. 2 and Eqs. 7-11, 13: the advantages ------------------------------------------------------
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -144,49 +153,65 @@ def confidence_ratio(entropy: torch.Tensor, group_size: int, eps_h: float = 1e-5
     w = h.nanmean(1, keepdim=True) / (h + eps_h)
     return torch.where(h.isnan(), 1.0, w).view(-1)
 
-def egpo_advantages(rewards: torch.Tensor, entropy: torch.Tensor, group_size: int, *,
-                    calibration: str = "asymmetric", lambda_min: float = 0.8, lambda_max: float = 2.0,
-                    nsr: str = "entropy", renorm: str = "none", eps: float = 1e-6,
-                    eps_h: float = 1e-5) -> torch.Tensor:
-    """EGPO's calibrated advantages A~ (Section 3, Algorithm 1), per group of `group_size` rows:
+def calibration_weights(rewards: torch.Tensor, entropy: torch.Tensor, group_size: int, *,
+                        calibration: str = "asymmetric", lambda_min: float = 0.8,
+                        lambda_max: float = 2.0, renorm: str = "none",
+                        eps_h: float = 1e-5) -> torch.Tensor:
+    """Each response's weight w_i (Eqs. 7-9), per group of `group_size` rows:
     - Eq. 7: w^ = Hbar / (H + eps_h)                                       (confidence_ratio)
     - Eq. 8: c = clip(w^, lambda_min, lambda_max); w = max(1, c) if correct, min(1, c) if wrong:
-      a right answer is never down-weighted, a failure never penalised more than by GRPO.
-      Table 2's C1 (symmetric: w = c), C2 (neg-only: right w = c), C3 (pos-only: wrong w = c).
-    - Eq. 9 (optional): w <- w / mean_group(w), after the clamp (C5) or on w^ before it (C6).
-    - Eq. 10: base advantage 0 in an all-correct group, Eq. 2's A in a mixed one, -1 in an
-      all-wrong one (negative-sample reinforcement, NSR, Eq. 13; nsr="off": 0, as GRPO).
-    - Eq. 11: A~ = w * A. All wrong: A~ = -w in [-1, -lambda_min], confident failures pushed
-      down fully, uncertain ones more gently (nsr="flat", C4: w = 1).
+      a right answer is never down-weighted, a failure never penalised more than by GRPO. Table 2:
+      C1 symmetric: w = c for all; C2 neg-only: only wrong answers get min(1, c), right ones c;
+      C3 pos-only: only right answers get max(1, c), wrong ones c.
+    - Eq. 9 (optional): w <- w / mean_group(w), after the clamp (C5) or on w^ before it (C6)."""
+    if calibration not in ("asymmetric", "symmetric", "neg-only", "pos-only") or \
+            renorm not in ("none", "after-clamp", "before-clamp"):
+        raise ValueError(f"unknown calibration={calibration!r} or renorm={renorm!r}")
+    r = rewards.float().view(-1, group_size)                                             # (B, G)
+    w_hat = confidence_ratio(entropy, group_size, eps_h).view(-1, group_size)            # Eq. 7
+    if renorm == "before-clamp":                                                         # Eq. 9, C6
+        w_hat = w_hat / w_hat.mean(1, keepdim=True)
+    c = w_hat.clamp(lambda_min, lambda_max)                                              # Eq. 8
+    w_correct = c.clamp(min=1.0) if calibration in ("asymmetric", "pos-only") else c  # never weakened
+    w_wrong = c.clamp(max=1.0) if calibration in ("asymmetric", "neg-only") else c    # nor strengthened
+    w = torch.where(r > 0, w_correct, w_wrong)
+    if renorm == "after-clamp":                                                          # Eq. 9, C5
+        w = w / w.mean(1, keepdim=True)
+    return w.view(-1)
+
+def egpo_advantages(rewards: torch.Tensor, entropy: torch.Tensor, group_size: int, *,
+                    calibration: str = "asymmetric", lambda_min: float = 0.8,
+                    lambda_max: float = 2.0, nsr: str = "entropy", renorm: str = "none",
+                    eps: float = 1e-6, eps_h: float = 1e-5) -> torch.Tensor:
+    """EGPO's calibrated advantages A~ (Section 3, Algorithm 1), per group of `group_size` rows:
+    - Eqs. 7-9: the weight w of each response (calibration_weights);
+    - Eq. 10: the base advantage: 0 in an all-correct group, Eq. 2's A in a mixed one, -1 in an
+      all-wrong one (negative-sample reinforcement, NSR, Eq. 13; nsr="off": 0, as GRPO);
+    - Eq. 11: A~ = w * base. All wrong: A~ = -w in [-1, -lambda_min], confident failures pushed
+      down fully, uncertain ones more gently (nsr="flat", C4: w = 1, A~ = -1).
 
     Worked example, G = 4, rewards (1, 1, 0, 0), entropies (0.5, 2, 0.5, 2): Hbar = 1.25,
     w^ = (2.5, 0.625, 2.5, 0.625), A = (0.866, 0.866, -0.866, -0.866), w = (2, 1, 1, 0.8),
     A~ = (1.732, 0.866, -0.866, -0.693). All wrong with entropies (0.2, 0.5, 1.0, 2.3):
     w^ = (5, 2, 1, 0.43), A~ = (-1, -1, -1, -0.8).
     """
-    if calibration not in ("asymmetric", "symmetric", "neg-only", "pos-only") or \
-            nsr not in ("entropy", "flat", "off") or renorm not in ("none", "after-clamp", "before-clamp"):
-        raise ValueError(f"unknown calibration={calibration!r}, nsr={nsr!r} or renorm={renorm!r}")
-    r = rewards.float().view(-1, group_size)                                             # (B, G)
-    w_hat = confidence_ratio(entropy, group_size, eps_h).view(-1, group_size)            # Eq. 7
-    if renorm == "before-clamp":                                                         # Eq. 9 (C6)
-        w_hat = w_hat / w_hat.mean(1, keepdim=True)
-    c = w_hat.clamp(lambda_min, lambda_max)                                              # Eq. 8
-    w_correct = c.clamp(min=1.0) if calibration in ("asymmetric", "pos-only") else c     # never weakened
-    w_wrong = c.clamp(max=1.0) if calibration in ("asymmetric", "neg-only") else c       # never strengthened
-    w = torch.where(r > 0, w_correct, w_wrong)
-    if renorm == "after-clamp":                                                          # Eq. 9 (C5)
-        w = w / w.mean(1, keepdim=True)
-    all_wrong = r.amax(1, keepdim=True) <= 0                                             # (B, 1)
+    if nsr not in ("entropy", "flat", "off"):
+        raise ValueError(f"unknown nsr={nsr!r}")
+    w = calibration_weights(rewards, entropy, group_size, calibration=calibration, eps_h=eps_h,
+                            lambda_min=lambda_min, lambda_max=lambda_max, renorm=renorm)
+    w, r = w.view(-1, group_size), rewards.float().view(-1, group_size)                  # (B, G)
+    all_correct, all_wrong = r.amin(1, keepdim=True) > 0, r.amax(1, keepdim=True) <= 0   # (B, 1)
     if nsr == "flat":                                                                    # C4
         w = torch.where(all_wrong, 1.0, w)
     nsr_base = -1.0 if nsr in ("entropy", "flat") else 0.0                               # Eq. 13
     base = torch.where(all_wrong, nsr_base, grpo_advantages(rewards, group_size, eps).view(-1, group_size))
-    return (w * base).view(-1)                                                           # Eqs. 10, 11
+    base = torch.where(all_correct, 0.0, base)                                           # Eq. 10
+    return (w * base).view(-1)                                                           # Eq. 11
 
 # --- Eq. 12: the policy loss ----------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean") -> torch.Tensor:
-    """token-mean: over all unmasked tokens; seq-mean-token-mean: over each response's, then over responses."""
+    """token-mean: over all unmasked tokens; seq-mean-token-mean: over each response's tokens, then
+    over responses."""
     if loss_agg == "token-mean":
         return (x * mask).sum() / mask.sum().clamp(min=1)
     if loss_agg == "seq-mean-token-mean":
@@ -213,100 +238,224 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps_low=0.2, c
         per_token = per_token + beta * kl
     loss = masked_mean(per_token, mask, loss_agg)
     clip_active = (clipped < unclipped).to(mask.dtype)  # exactly where the clipped branch has no gradient
-    return loss, {"kl": masked_mean(kl.detach(), mask).item(), "clip_frac": masked_mean(clip_active, mask).item()}
+    return loss, {"kl": masked_mean(kl.detach(), mask).item(),
+                  "clip_frac": masked_mean(clip_active, mask).item()}
 
 # --- Algorithm 1: one RL step ---------------------------------------------------------------------
 def sample_batch(policy, tokenizer, draw, cfg: Config) -> dict:
-    """G responses to each prompt that draw() returns (with golds and sampling noise), verified.
-    --algo dapo adds dynamic sampling: uniform groups are dropped and more prompts drawn until the
-    batch is full of mixed groups, at most --max-resample rounds (none mixed: the last round is kept).
-    Under torchrun each process draws as many rounds, and tops a short batch up with uniform groups."""
-    t0, G = time.perf_counter(), cfg.group_size
-    parts, keep, n_mixed, b = [], [], 0, 0
-    with full_weights(policy, cfg.bf16) as sampler:
-        for _ in range(cfg.max_resample if cfg.algo == "dapo" else 1):
+    """Algorithm 1's sampling: G responses to each prompt draw() gives this process (with their golds
+    and sampling noise), verified. --algo dapo draws until its groups are mixed (dynamic_sampling)."""
+    t0 = time.perf_counter()
+    with full_weights(policy, cfg.bf16) as sampler:  # FSDP: the weights gathered once, for all tokens
+        if cfg.algo == "dapo":
+            batch, groups = dynamic_sampling(sampler, tokenizer, draw, cfg)
+        else:
             prompts, golds, noise = draw()
-            b = len(prompts)  # this process's prompts
-            batch = rollout(sampler, tokenizer, prompts, golds, G, cfg, noise=noise)
-            mixed = batch["rewards"].view(-1, G).std(1) > 0                              # (b,)
-            mixed &= mixed.cumsum(0) <= b - n_mixed  # no more than the batch needs
-            parts.append(batch)
-            keep.append(mixed.repeat_interleave(G))
-            n_mixed += int(mixed.sum())
-            if all_reduce(n_mixed < b, batch["rewards"].device) == 0:  # full on every process
-                break
-    if cfg.algo == "dapo" and rank_and_world_size()[1] > 1 and 0 < n_mixed < b:
-        uniform = ~keep[-1].view(-1, G)[:, 0]
-        keep[-1] |= (uniform & (uniform.cumsum(0) <= b - n_mixed)).repeat_interleave(G)
-    if cfg.algo == "dapo" and n_mixed:
-        batch = cat_rollouts(parts, keep, tokenizer.pad_token_id)
-    return {**batch, "time_sample": time.perf_counter() - t0, "groups_sampled": len(parts) * b}
+            batch = rollout(sampler, tokenizer, prompts, golds, cfg.group_size, cfg, noise=noise)
+            groups = len(prompts)
+    return {**batch, "time_sample": time.perf_counter() - t0, "groups_sampled": groups}
 
 def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
-    """The rest of Algorithm 1 on a sampled batch: Eq. 5, the advantages, then `mu` PPO-clip
-    optimizer steps over micro-batches. Returns the step's metrics, over all processes."""
+    """Algorithm 1's update on a sampled batch: Eq. 5, Eq. 2, EGPO's Eqs. 7-13 (or a baseline's
+    advantages), then --mu PPO-clip optimizer steps over micro-batches (Eq. 12). Returns the step's
+    metrics, over all processes."""
     t0 = time.perf_counter()
-    ids, attn, mask, rewards = (batch[k] for k in ("input_ids", "attention_mask", "response_mask", "rewards"))
+    ids, attn, mask, rewards = (batch[k] for k in ("input_ids", "attention_mask", "response_mask",
+                                                   "rewards"))
     G, n_response = cfg.group_size, mask.shape[1]
-    entropy = sequence_entropy(batch["logprobs"], batch["entropy_mask"])                 # (N,)   Eq. 5
-    adv = grpo_advantages(rewards, G)                                                    # (N,)   Eq. 2
-    if cfg.algo == "egpo":                                                               #        Eqs. 7-11, 13
-        adv_tilde = egpo_advantages(rewards, entropy, G, calibration=cfg.calibration, lambda_min=cfg.lambda_min,
-                                    lambda_max=cfg.lambda_max, nsr=cfg.nsr, renorm=cfg.renorm)
-    elif cfg.algo == "edge-grpo":  # Table 1's EDGE-GRPO: w = clip(Pbar / (P + 1e-6), 0.5, 2) for all, no NSR,
-        p = (batch["token_entropy"] * mask).sum(1) / mask.sum(1)  # P: the full distribution's mean entropy
-        adv_tilde = confidence_ratio(p, G, eps_h=1e-6).clamp(0.5, 2.0) * adv
+    entropy = sequence_entropy(batch["logprobs"], batch["entropy_mask"])                 # Eq. 5
+    adv = grpo_advantages(rewards, G)                                                    # Eq. 2
+    if cfg.algo == "egpo":                                                               # Eqs. 7-13
+        adv_tilde = egpo_advantages(rewards, entropy, G, calibration=cfg.calibration,
+                                    lambda_min=cfg.lambda_min, lambda_max=cfg.lambda_max,
+                                    nsr=cfg.nsr, renorm=cfg.renorm)
+    elif cfg.algo == "edge-grpo":  # Table 1's EDGE-GRPO: w = clip(Pbar / (P + 1e-6), 0.5, 2) for
+        p = (batch["token_entropy"] * mask).sum(1) / mask.sum(1)  # all, P the full distribution's
+        adv_tilde = confidence_ratio(p, G, eps_h=1e-6).clamp(0.5, 2.0) * adv  # mean entropy; no NSR
     else:  # grpo, dapo
         adv_tilde = adv
+    # pi_old, the policy that sampled the batch, gives Eq. 12's ratio its denominator. With --mu 1
+    # (the paper's) the weights have not moved since sampling, so the update's own log-probs,
+    # detached, are pi_old's: the ratio is exactly 1 and the clip never acts (DAPO's clip-higher
+    # included). With --mu > 1 they are computed once, before the first epoch (as verl), and the
+    # later epochs' ratios move off 1. The sampler's own log-probs feed Eq. 5 only.
     chunks = micro_batches(len(ids), int(all_reduce(ids.shape[1], ids.device, "max")), cfg)
-    # pi_old is the sampler: with mu = 1 the update's own forward, detached (the first ratio is
-    # exactly 1, as in TRL); with more epochs, its log-probs recomputed once (as verl).
-    old = frozen_logprobs(policy, ids, attn, n_response, cfg, chunks) if cfg.mu > 1 else None    # (N, L)
-    ref = frozen_logprobs(ref_model, ids, attn, n_response, cfg, chunks) if ref_model is not None else None
-    weights, token_shares = loss_weights(mask, chunks, cfg)
+    old = no_grad_logprobs(policy, ids, attn, n_response, cfg, chunks) if cfg.mu > 1 else None
+    ref = no_grad_logprobs(ref_model, ids, attn, n_response, cfg, chunks) if ref_model else None
+    weights, token_shares = loss_weights(mask, chunks, cfg)  # shares of the batch, all processes'
     logs = dict.fromkeys(("loss", "kl", "clip_frac", "grad_norm"), 0.0)
     policy.train()
     for _ in range(cfg.mu):
         optimizer.zero_grad()
         for s, weight, token_share in zip(chunks, weights, token_shares):
-            with gradient_sync(policy, s is chunks[-1]):  # reduced over the processes after the last one only
+            with gradient_sync(policy, s is chunks[-1]):  # reduced over the processes once, at the end
                 logprobs = token_logprobs(policy, ids[s], attn[s], n_response, cfg.temperature, cfg.bf16)
-                loss, stats = policy_loss(logprobs, logprobs.detach() if old is None else old[s], adv_tilde[s],
-                                          mask[s], clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
-                                          ref_logprobs=None if ref is None else ref[s], beta=cfg.beta,
-                                          loss_agg=cfg.loss_agg)                                  # Eq. 12
+                loss, stats = policy_loss(logprobs, logprobs.detach() if old is None else old[s],
+                                          adv_tilde[s], mask[s], clip_eps_low=cfg.clip_eps_low,
+                                          clip_eps_high=cfg.clip_eps_high, beta=cfg.beta,
+                                          ref_logprobs=None if ref is None else ref[s],
+                                          loss_agg=cfg.loss_agg)                         # Eq. 12
                 (loss * weight).backward()
             logs["loss"] += loss.item() * weight / rank_and_world_size()[1] / cfg.mu
             for k in ("kl", "clip_frac"):
                 logs[k] += stats[k] * token_share / cfg.mu
-        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))  # 0: none
-        logs["grad_norm"] += float(norm) / cfg.mu
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+        logs["grad_norm"] += float(norm) / cfg.mu  # before clipping; --max-grad-norm 0: no clipping
         optimizer.step()
     return step_metrics(batch, entropy, adv, adv_tilde, logs, time.perf_counter() - t0, cfg)
 
-def loss_weights(mask: torch.Tensor, chunks: list[slice], cfg: Config) -> tuple[list[float], list[float]]:
-    """Each micro-batch's loss weight: its share of the tokens (token-mean) or responses of the batch
-    over all processes, times their number (DDP and FSDP average gradients), so that the accumulated
-    gradient is the whole batch's on one process or N. And its share of the tokens."""
-    tokens = [float(mask[s].sum()) for s in chunks]
-    rows = [float(s.stop - s.start) for s in chunks] if cfg.loss_agg == "seq-mean-token-mean" else tokens
-    total_rows, total_tokens = (float(all_reduce(sum(x), mask.device)) for x in (rows, tokens))
-    return [x * rank_and_world_size()[1] / total_rows for x in rows], [x / total_tokens for x in tokens]
-
-def micro_batches(n: int, width: int, cfg: Config) -> list[slice]:
-    """Row slices of --micro-batch-size rows, else of --micro-batch-tokens tokens (rows x `width`,
-    the padded length), else one slice."""
-    size = cfg.micro_batch_size or (max(1, cfg.micro_batch_tokens // width) if cfg.micro_batch_tokens else n)
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-@torch.no_grad()
-def frozen_logprobs(policy, input_ids, attention_mask, n_response: int, cfg: Config, chunks=None):
-    """token_logprobs without gradients, in the update's micro-batches: pi_old's (--mu > 1), the reference's."""
-    chunks = chunks or micro_batches(len(input_ids), int(all_reduce(input_ids.shape[1], input_ids.device, "max")), cfg)
-    return torch.cat([token_logprobs(policy, input_ids[s], attention_mask[s], n_response, cfg.temperature, cfg.bf16)
-                      for s in chunks])                                                  # (N, L)
+def dynamic_sampling(sampler, tokenizer, draw, cfg: Config) -> tuple[dict, int]:
+    """DAPO's dynamic sampling: uniform groups (all right or all wrong) are dropped and more prompts
+    drawn until the batch is full of mixed groups, at most --max-resample rounds (none mixed: the
+    last round is kept). Under torchrun every process draws as many rounds, and tops a batch still
+    short up with uniform groups (advantage 0), so that all hold as many rows. Returns the batch and
+    the number of groups drawn."""
+    G, parts, keep, n_mixed = cfg.group_size, [], [], 0
+    for _ in range(cfg.max_resample):
+        prompts, golds, noise = draw()
+        n_prompts = len(prompts)  # this process's share of B
+        batch = rollout(sampler, tokenizer, prompts, golds, G, cfg, noise=noise)
+        mixed = batch["rewards"].view(-1, G).std(1) > 0                                  # (n_prompts,)
+        mixed &= mixed.cumsum(0) <= n_prompts - n_mixed  # no more than the batch needs
+        parts.append(batch)
+        keep.append(mixed.repeat_interleave(G))
+        n_mixed += int(mixed.sum())
+        if all_reduce(n_mixed < n_prompts, batch["rewards"].device) == 0:  # full on every process
+            break
+    if n_mixed == 0:
+        return batch, len(parts) * n_prompts
+    if rank_and_world_size()[1] > 1 and n_mixed < n_prompts:
+        uniform = ~keep[-1].view(-1, G)[:, 0]
+        keep[-1] |= (uniform & (uniform.cumsum(0) <= n_prompts - n_mixed)).repeat_interleave(G)
+    return cat_rollouts(parts, keep, tokenizer.pad_token_id), len(parts) * n_prompts
 
 # --- the sampler and its log-probs ----------------------------------------------------------------
+def token_logprobs(policy, input_ids, attention_mask, n_response: int, temperature: float,
+                   bf16: bool = False):
+    """log pi(o_t | q, o_<t) of the last `n_response` tokens, from the raw logits / temperature
+    (never top-p-filtered ones): the update's forward, and the sampler's numbers recomputed."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() for left padding
+    targets = input_ids[:, -n_response:]
+    with autocast(input_ids.device, bf16):
+        return policy(input_ids, attention_mask, position_ids, temperature,
+                      targets=targets).view(targets.shape)                               # (N, L)
+
+@torch.no_grad()
+def sample(policy, input_ids, attention_mask, stop_ids: list[int], pad_id: int, max_new_tokens: int,
+           *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, noise=None,
+           bf16: bool = False):
+    """Algorithm 1's sampler: one forward over the left-padded prompts (prefill), then one token per
+    forward from the KV cache. noise None: greedy; else noise[:, t] (uniforms) picks token t by `pick`
+    from softmax(logits / temperature): a row's sample depends on its own noise only, so one process
+    or N sample the same. A row stops at its first token of `stop_ids` (pad_id after it). Returns
+    (N, L) each: the tokens, their log-probs under softmax(logits / temperature) (the paper: "already
+    computed during rollout generation"), and the full distribution's entropy (EDGE-GRPO)."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    stop = torch.tensor(stop_ids, device=input_ids.device)
+    done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    x, cache, tokens, logprobs, entropies = input_ids, None, [], [], []
+    with autocast(input_ids.device, bf16):  # once: the weights are cast to bf16 at the first token
+        for t in range(max_new_tokens):
+            logits, cache = policy(x, attention_mask, position_ids, temperature, cache=cache)  # (N, V)
+            log_p = logits.log_softmax(-1)
+            p = log_p.exp()
+            token = logits.argmax(-1) if noise is None else pick(p, noise[:, t], top_p, top_k)
+            token = token.masked_fill(done, pad_id)                                      # (N,)
+            tokens.append(token)
+            logprobs.append(log_p.gather(-1, token[:, None]).squeeze(-1))
+            entropies.append(-(p * log_p).sum(-1))
+            done |= torch.isin(token, stop)
+            if done.all(): break  # the one wait for the GPU a token
+            x, position_ids = token[:, None], position_ids[:, -1:] + 1
+            attention_mask = torch.cat([attention_mask, torch.ones_like(x)], 1)
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(entropies, 1)
+
+@torch.no_grad()
+def rollout(policy, tokenizer, prompts: list[list[int]], golds: list[str], n: int, cfg: Config,
+            greedy: bool = False, noise=None) -> dict:
+    """`n` responses to each prompt, verified: rows k*n .. k*n+n-1 answer prompt k. `noise`
+    (P*n, --max-new-tokens) drives the sampling (drawn here if not given), --max-num-seqs rows at
+    a time. Returns input_ids (prompt + response), attention_mask, response_mask (up to and
+    including the stop token), entropy_mask (Eq. 5's S_i), truncated (no stop token), the
+    sampler's logprobs and token_entropy, rewards, texts and prompts (as text)."""
+    device = next(policy.parameters()).device
+    batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(device)
+    ids, attn = (batch[k].repeat_interleave(n, 0) for k in ("input_ids", "attention_mask"))
+    if not greedy and noise is None:
+        noise = torch.rand(len(ids), cfg.max_new_tokens)
+    policy = unwrap(policy).eval()  # under FSDP, call it inside full_weights(): one gather for many
+    stop_ids, pad_id = policy.lm.generation_config.eos_token_id, tokenizer.pad_token_id
+    size = cfg.max_num_seqs or len(ids)  # each row's noise is its own: the same tokens at any size
+    parts = [sample(policy, ids[i:i + size], attn[i:i + size], stop_ids, pad_id, cfg.max_new_tokens,
+                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, bf16=cfg.bf16,
+                    noise=None if greedy else noise[i:i + size].to(device))
+             for i in range(0, len(ids), size)]
+    response, logprobs, token_entropy = (cat_padded([part[j] for part in parts], value)  # (P*n, L)
+                                         for j, value in enumerate((pad_id, 0.0, 0.0)))
+    response_mask = eos_mask(response, stop_ids)                                        # (P*n, L)
+    entropy_mask = response_mask
+    if cfg.entropy_span == "answer":
+        think_end = tokenizer("</think>", add_special_tokens=False)["input_ids"]
+        entropy_mask = answer_mask(response, response_mask, think_end)
+    rows = [r[m].tolist() for r, m in zip(response.cpu(), response_mask.cpu())]  # one copy from a GPU
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    golds = [g for g in golds for _ in range(n)]
+    rewards = torch.tensor([verify(t, g) for t, g in zip(texts, golds)], device=device)  # verify
+    truncated = ~torch.isin(response, torch.tensor(stop_ids, device=device)).any(1)    # (P*n,)
+    return {"input_ids": torch.cat([ids, response], 1),
+            "attention_mask": torch.cat([attn, torch.ones_like(response)], 1),
+            "response_mask": response_mask, "entropy_mask": entropy_mask, "truncated": truncated,
+            "logprobs": logprobs, "token_entropy": token_entropy, "rewards": rewards, "texts": texts,
+            "prompts": [p for p in tokenizer.batch_decode(prompts, skip_special_tokens=True)
+                        for _ in range(n)]}
+
+def eos_mask(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """True for each response token up to and including the first stop token (the decision to stop
+    is trained on), False for the padding after it; a truncated response is kept whole."""
+    is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device)).long()
+    return (is_eos.cumsum(1) - is_eos) == 0
+
+def answer_mask(response: torch.Tensor, mask: torch.Tensor, marker: list[int]) -> torch.Tensor:
+    """--entropy-span answer (RQ4): the response tokens after the last `marker` (the ids of
+    '</think>'), or the whole response if it has none."""
+    k = len(marker)
+    if k == 0 or response.shape[1] < k: return mask
+    windows = response.unfold(1, k, 1)                                               # (N, L-k+1, k)
+    hits = (windows == torch.tensor(marker, device=response.device)).all(-1) & mask[:, k - 1:]
+    positions = torch.arange(hits.shape[1], device=response.device)
+    last = torch.where(hits, positions, -1).amax(1, keepdim=True)                    # (N, 1)
+    after = torch.arange(response.shape[1], device=response.device) >= last + k      # (N, L)
+    return mask & torch.where(last >= 0, after, True)
+
+# --- the training loop ----------------------------------------------------------------------------
+def train(cfg: Config) -> dict:
+    """The whole run: model, data, warm-up, RL steps with logs and checkpoints, evaluations and
+    summary; with --resume, the rest of a run from its last checkpoint. Under torchrun every process
+    runs this (rank 0 alone prints and writes files), and main() tears the process group down after."""
+    device, resumed = set_up(cfg)  # torchrun's processes, the checkpoint to resume from, the seeds
+    policy, tokenizer = load_policy(cfg, device, resumed and resumed["path"])
+    rows, prompts, evals = load_data(cfg, tokenizer, policy)
+    rng, noise_rng = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    draw = prompt_draws(cfg, rows, prompts, rng, noise_rng)  # a step's prompts, golds and noise
+    with Run(cfg, resumed, rng, noise_rng, device) as run:  # the folder, logs, Ctrl-C, checkpoints
+        print_start(cfg, device, policy, rows, evals)
+        if cfg.sft_steps and not resumed:  # supervised, so that RL starts with some right answers
+            run.summary["sft_steps_done"] = sft_warmup(policy, tokenizer, rows, prompts, cfg, rng)
+        ref_model = reference_model(policy, tokenizer, cfg, device, resumed) if cfg.beta else None
+        policy = parallelize(policy, cfg)  # under torchrun: DDP or FSDP
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+        run.start(policy, tokenizer, optimizer, evals)  # a resumed run's state, or "before" RL
+        for step in run.steps():
+            batch = sample_batch(policy, tokenizer, draw, cfg)                # sample and verify
+            metrics = rl_step(policy, ref_model, optimizer, batch, cfg)       # Eqs. 5, 2, 7-13, 12
+            run.end_step(step, metrics)  # logs, evaluation, checkpoint; after a Ctrl-C, the end
+    return run.summary
+
+
+# ==================================================================================================
+# Part II: appendix. The plumbing: skip it on a first read.
+# ==================================================================================================
+# --- the model's forward, the update's micro-batches, the sampler's helpers -----------------------
 LOGIT_CHUNK = 1024  # positions whose fp32 logits exist at once: 1024 x 151,936 vocab x 4 B = 0.6 GB
 
 class Policy(torch.nn.Module):
@@ -347,14 +496,6 @@ def chunk_logprobs(hidden, head, targets, temperature: float):
     logits = fp32_logits(hidden, head, temperature)                                      # (n, V)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)        # (n,)
 
-def token_logprobs(policy, input_ids, attention_mask, n_response: int, temperature: float, bf16: bool = False):
-    """log pi(o_t | q, o_<t) of the last `n_response` tokens, from the raw logits / temperature (never
-    top-p-filtered ones): the update's forward, and the sampler's numbers recomputed."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() for left padding
-    targets = input_ids[:, -n_response:]
-    with autocast(input_ids.device, bf16):
-        return policy(input_ids, attention_mask, position_ids, temperature, targets=targets).view(targets.shape)
-
 def pick(probs: torch.Tensor, u: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """Inverse-CDF sampling: in each row, the first token at which the cumulative probability passes
     u * (the kept mass), u uniform in [0, 1). top_k > 0 keeps the k likeliest tokens, then top_p < 1
@@ -369,77 +510,19 @@ def pick(probs: torch.Tensor, u: torch.Tensor, top_p: float = 1.0, top_k: int = 
     index = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=probs.shape[-1] - 1)
     return (index if order is None else order.gather(-1, index)).squeeze(-1)             # (N,)
 
-@torch.no_grad()
-def sample(policy, input_ids, attention_mask, stop_ids: list[int], pad_id: int, max_new_tokens: int, *,
-           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, noise=None, bf16: bool = False):
-    """Algorithm 1's sampler: one forward over the left-padded prompts (prefill), then one token per
-    forward from the KV cache. noise None: greedy; else noise[:, t] (uniforms) picks token t by `pick`
-    from softmax(logits / temperature): a row's sample depends on its own noise only, so one process
-    or N sample the same. A row stops at its first token of `stop_ids` (pad_id after it). Returns
-    (N, L) each: the tokens, their log-probs under softmax(logits / temperature) (the paper: "already
-    computed during rollout generation"), and the full distribution's entropy (EDGE-GRPO)."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    stop = torch.tensor(stop_ids, device=input_ids.device)
-    done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-    x, cache, tokens, logprobs, entropies = input_ids, None, [], [], []
-    with autocast(input_ids.device, bf16):  # once: the weights are cast to bf16 at the first token only
-        for t in range(max_new_tokens):
-            logits, cache = policy(x, attention_mask, position_ids, temperature, cache=cache)   # (N, V)
-            log_p = logits.log_softmax(-1)
-            p = log_p.exp()
-            token = logits.argmax(-1) if noise is None else pick(p, noise[:, t], top_p, top_k)
-            token = token.masked_fill(done, pad_id)                                      # (N,)
-            tokens.append(token)
-            logprobs.append(log_p.gather(-1, token[:, None]).squeeze(-1))
-            entropies.append(-(p * log_p).sum(-1))
-            done |= torch.isin(token, stop)
-            if done.all(): break  # the one wait for the GPU in a step
-            x, position_ids = token[:, None], position_ids[:, -1:] + 1
-            attention_mask = torch.cat([attention_mask, torch.ones_like(x)], 1)
-    return torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(entropies, 1)
+def micro_batches(n: int, width: int, cfg: Config) -> list[slice]:
+    """Row slices of --micro-batch-size rows, else of --micro-batch-tokens tokens (rows x `width`,
+    the padded length), else one slice."""
+    size = cfg.micro_batch_size or (max(1, cfg.micro_batch_tokens // width) if cfg.micro_batch_tokens else n)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 @torch.no_grad()
-def rollout(policy, tokenizer, prompts: list[list[int]], golds: list[str], n: int, cfg: Config,
-            greedy: bool = False, noise=None) -> dict:
-    """`n` responses to each prompt, verified: rows k*n .. k*n+n-1 answer prompt k. `noise`
-    (P*n, --max-new-tokens) drives the sampling (drawn here if not given). Returns input_ids
-    (prompt + response), attention_mask, response_mask (up to and including the stop token),
-    entropy_mask (Eq. 5's S_i), truncated (no stop token), the sampler's logprobs and
-    token_entropy, rewards, texts and prompts (as text)."""
-    device = next(policy.parameters()).device
-    batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(device)
-    ids, attn = batch["input_ids"].repeat_interleave(n, 0), batch["attention_mask"].repeat_interleave(n, 0)
-    if not greedy and noise is None:
-        noise = torch.rand(len(ids), cfg.max_new_tokens)
-    policy = unwrap(policy).eval()  # under FSDP, call it inside full_weights(): one gather for many rollouts
-    stop_ids, pad_id, size = policy.lm.generation_config.eos_token_id, tokenizer.pad_token_id, cfg.max_num_seqs or len(ids)
-    parts = [sample(policy, ids[i:i + size], attn[i:i + size], stop_ids, pad_id, cfg.max_new_tokens,
-                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, bf16=cfg.bf16,
-                    noise=None if greedy else noise[i:i + size].to(device))
-             for i in range(0, len(ids), size)]  # --max-num-seqs rows at a time: each row's noise is its own
-    response, logprobs, token_entropy = (cat_padded([part[j] for part in parts], value)
-                                         for j, value in enumerate((pad_id, 0.0, 0.0)))  # (P*n, L) x 3
-    response_mask = eos_mask(response, stop_ids)                                            # (P*n, L)
-    entropy_mask = response_mask
-    if cfg.entropy_span == "answer":
-        think_end = tokenizer("</think>", add_special_tokens=False)["input_ids"]
-        entropy_mask = answer_mask(response, response_mask, think_end)
-    rows = [r[m].tolist() for r, m in zip(response.cpu(), response_mask.cpu())]  # one copy from the GPU
-    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
-    golds = [g for g in golds for _ in range(n)]
-    rewards = torch.tensor([verify(t, g) for t, g in zip(texts, golds)], device=device)
-    truncated = ~torch.isin(response, torch.tensor(stop_ids, device=device)).any(1)        # (P*n,)
-    return {"input_ids": torch.cat([ids, response], 1),
-            "attention_mask": torch.cat([attn, torch.ones_like(response)], 1),
-            "response_mask": response_mask, "entropy_mask": entropy_mask, "truncated": truncated,
-            "logprobs": logprobs, "token_entropy": token_entropy, "rewards": rewards, "texts": texts,
-            "prompts": [p for p in tokenizer.batch_decode(prompts, skip_special_tokens=True) for _ in range(n)]}
-
-def eos_mask(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """True for each response token up to and including the first stop token (the decision to stop is
-    trained on), False for the padding after it; a truncated response is kept whole."""
-    is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device)).long()
-    return (is_eos.cumsum(1) - is_eos) == 0
+def no_grad_logprobs(policy, input_ids, attention_mask, n_response: int, cfg: Config, chunks=None):
+    """token_logprobs without gradients, in the update's micro-batches: pi_old's (--mu > 1) and the
+    reference model's (--beta)."""
+    chunks = chunks or micro_batches(len(input_ids), int(all_reduce(input_ids.shape[1], input_ids.device, "max")), cfg)
+    return torch.cat([token_logprobs(policy, input_ids[s], attention_mask[s], n_response, cfg.temperature, cfg.bf16)
+                      for s in chunks])                                                  # (N, L)
 
 def cat_padded(xs: list[torch.Tensor], value) -> torch.Tensor:
     """2-D tensors stacked by rows, each right-padded with `value` to the widest."""
@@ -467,53 +550,6 @@ def cat_rollouts(parts: list[dict], keep: list[torch.Tensor], pad_id: int) -> di
         out[key] = [x for part, k in zip(parts, keep) for x, kept in zip(part[key], k.tolist()) if kept]
     return out
 
-# --- the training loop ----------------------------------------------------------------------------
-def train(cfg: Config) -> dict:
-    """The whole run: model, data, warm-up, RL steps with logs and checkpoints, evaluations and
-    summary; with --resume, the rest of a run from its last checkpoint. Under torchrun every process
-    runs this (rank 0 alone prints and writes files), and main() tears the process group down after."""
-    device = init_distributed(cfg)
-    rank, world_size = rank_and_world_size()
-    resumed = resume_point(cfg, world_size)  # None, or the checkpoint's state, read before anything changes
-    if is_tiny(resumed["path"] if resumed else cfg.model) and device.type == "cpu":
-        torch.set_num_threads(1)  # one thread: the same sums, so the same numbers on any CPU
-    torch.manual_seed(cfg.seed)
-    rng, noise_rng = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
-    policy, tokenizer = load_policy(cfg, device, resumed and resumed["path"])
-    train_rows, train_prompts, evals = load_data(cfg, tokenizer, policy)
-    ref_model = reference_model(policy, tokenizer, cfg, device, resumed) if cfg.beta > 0 and resumed else None
-    per_process = cfg.prompts_per_step // world_size
-
-    def draw():  # this process's share of B prompts, their golds and sampling noise (the same on every process)
-        picks = [rng.randrange(len(train_rows)) for _ in range(cfg.prompts_per_step)]
-        noise = torch.rand(cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens, generator=noise_rng)
-        lo, hi = rank * per_process, (rank + 1) * per_process
-        return ([train_prompts[i] for i in picks[lo:hi]], [train_rows[i]["answer"] for i in picks[lo:hi]],
-                noise[lo * cfg.group_size:hi * cfg.group_size])
-
-    def evaluate_all() -> dict:
-        return {k: v for prefix, (prompts, golds) in evals.items()
-                for k, v in evaluate(policy, tokenizer, prompts, golds, cfg, prefix).items()}
-
-    with Run(cfg, resumed, rng, noise_rng, device) as run:  # the folder, logs, Ctrl-C, checkpoints, summary
-        print_start(cfg, device, policy, train_rows, evals)
-        if cfg.sft_steps and not resumed:  # every process warms up alike; parallelize() copies rank 0's weights
-            run.summary["sft_steps_done"] = sft_warmup(policy, tokenizer, train_rows, train_prompts, cfg, rng)
-        if cfg.beta > 0 and not resumed:
-            ref_model = reference_model(policy, tokenizer, cfg, device, resumed)
-        policy = parallelize(policy, cfg)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-        run.start(policy, tokenizer, optimizer, evals and evaluate_all)  # restored, or evaluated "before"
-        for step in run.steps():
-            batch = sample_batch(policy, tokenizer, draw, cfg)
-            metrics = rl_step(policy, ref_model, optimizer, batch, cfg)
-            run.end_step(step, metrics)  # logs, evaluation, checkpoint; after a Ctrl-C: the end
-    return run.summary
-
-
-# ==================================================================================================
-# Part II: appendix. The plumbing: skip it on a first read.
-# ==================================================================================================
 # --- the verifier: the final answer, compared with the gold one mathematically --------------------
 _BOXED, _TOKEN = re.compile(r"\\(?:boxed|fbox)\s*"), re.compile(r"[^\s${}]*")  # _TOKEN: '\boxed 5'
 _WRAPPER = re.compile(r"\\(?:text|textbf|textit|textnormal|mbox|mathrm|mathbf|operatorname)"
@@ -1103,6 +1139,11 @@ def pad_right(rows: list[list[int]], value: int, device) -> torch.Tensor:
     width = max(map(len, rows))
     return torch.tensor([row + [value] * (width - len(row)) for row in rows], device=device)
 
+def evaluate_all(policy, tokenizer, evals: dict, cfg: Config) -> dict:
+    """evaluate() on each evaluation set ({key prefix: (prompts, golds)}), the keys prefixed."""
+    return {k: v for prefix, (prompts, golds) in evals.items()
+            for k, v in evaluate(policy, tokenizer, prompts, golds, cfg, prefix).items()}
+
 @torch.no_grad()
 def evaluate(policy, tokenizer, prompts: list, golds: list, cfg: Config, prefix: str = "") -> dict:
     """The paper's protocol (Section 4.1): a greedy answer and k = --eval-samples sampled ones per problem
@@ -1211,6 +1252,40 @@ def all_gather(*tensors: torch.Tensor) -> list[torch.Tensor]:
     if rank_and_world_size()[1] == 1: return list(tensors)
     parts = all_gather_objects([[x.cpu() for x in tensors]])
     return [torch.cat(xs).to(x.device) for xs, x in zip(zip(*parts), tensors)]
+
+def set_up(cfg: Config) -> tuple[torch.device, dict | None]:
+    """The run's device (under torchrun, after joining the process group) and, with --resume, the
+    checkpoint's state (read before anything changes); one CPU thread for the tiny model (the same
+    sums, so the same numbers, on any CPU), and torch's seed."""
+    device = init_distributed(cfg)
+    resumed = resume_point(cfg, rank_and_world_size()[1])
+    if is_tiny(resumed["path"] if resumed else cfg.model) and device.type == "cpu":
+        torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)
+    return device, resumed
+
+def prompt_draws(cfg: Config, rows: list, prompts: list, rng: random.Random, noise_rng):
+    """A function that draws a step's B prompts and their sampling noise, the same on every process,
+    and returns this process's share: (prompts, golds, noise) of B / N groups."""
+    rank, world_size = rank_and_world_size()
+    per_process = cfg.prompts_per_step // world_size
+
+    def draw():
+        picks = [rng.randrange(len(rows)) for _ in range(cfg.prompts_per_step)]
+        noise = torch.rand(cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens, generator=noise_rng)
+        lo, hi = rank * per_process, (rank + 1) * per_process
+        return ([prompts[i] for i in picks[lo:hi]], [rows[i]["answer"] for i in picks[lo:hi]],
+                noise[lo * cfg.group_size:hi * cfg.group_size])
+    return draw
+
+def loss_weights(mask: torch.Tensor, chunks: list[slice], cfg: Config) -> tuple[list[float], list[float]]:
+    """Each micro-batch's loss weight: its share of the tokens (token-mean) or responses of the batch
+    over all processes, times their number (DDP and FSDP average gradients), so that the accumulated
+    gradient is the whole batch's on one process or N. And its share of the tokens."""
+    tokens = [float(mask[s].sum()) for s in chunks]
+    rows = [float(s.stop - s.start) for s in chunks] if cfg.loss_agg == "seq-mean-token-mean" else tokens
+    total_rows, total_tokens = (float(all_reduce(sum(x), mask.device)) for x in (rows, tokens))
+    return [x * rank_and_world_size()[1] / total_rows for x in rows], [x / total_tokens for x in tokens]
 
 def init_distributed(cfg: Config) -> torch.device:
     """Under torchrun: join the process group, a GPU per process (NCCL) or CPU processes (gloo)."""
@@ -1456,13 +1531,14 @@ class Run:
             print(f"\n{signal.Signals(signum).name}: stopping {then} (Ctrl-C again: at once, without a checkpoint)",
                   file=sys.stderr)
 
-    def start(self, policy, tokenizer, optimizer, evaluate):
+    def start(self, policy, tokenizer, optimizer, evals: dict):
         """Before the first RL step: a resumed run's optimizer and generators, or the evaluation "before"."""
-        self.policy, self.tokenizer, self.optimizer, self.evaluate = policy, tokenizer, optimizer, evaluate
+        self.policy, self.tokenizer, self.optimizer = policy, tokenizer, optimizer
+        self.evaluate = evals and (lambda: evaluate_all(policy, tokenizer, evals, self.cfg))
         if self.resumed:
             restore_training_state(optimizer, self.rng, self.noise_rng, self.resumed, self.device)
-        elif evaluate:
-            self.summary["before"] = evaluate()
+        elif evals:
+            self.summary["before"] = self.evaluate()
             self.write_summary()
         self.consistent, self.phase = True, "steps"
 
@@ -1585,13 +1661,20 @@ def in_range(x, check: str) -> bool:
     low, high = (float(v) for v in check[1:-1].split(","))
     return (low <= x if check[0] == "[" else low < x) and (x <= high if check[-1] == "]" else x < high)
 
+def auto_value(value, cfg: Config):
+    """An AUTO value: itself, or flag x's value for '--x', or N times it for 'N x --x'."""
+    if not (isinstance(value, str) and "--" in value): return value
+    times, _, name = value.partition("--")
+    return int(times.strip(" x") or 1) * getattr(cfg, name.replace("-", "_"))
+
 def resolve(cfg: Config) -> Config:
     """Fill the auto defaults in and check every value a user can get wrong, before any model loads."""
     tiny = is_tiny(cfg.model)
-    for name, (tiny_value, real_value) in AUTO.items():
+    if cfg.sft_steps is None and (cfg.model != "tiny" or cfg.dataset not in (None, "toy")):
+        cfg.sft_steps = 0  # a checkpoint of the tiny model is warmed up already, and only the toy has solutions
+    for name, values in AUTO.items():  # in AUTO's order: a flag named by a value comes before it
         if getattr(cfg, name) is None:
-            setattr(cfg, name, tiny_value if tiny else real_value)
-    cfg.dataset = cfg.dataset or ("toy" if tiny else "gsm8k")
+            setattr(cfg, name, auto_value(values[0 if tiny else 1], cfg))
     if cfg.device == "auto":  # the tiny demo is as fast on a CPU, and its README numbers are CPU numbers
         cfg.device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
     if cfg.bf16 and cfg.device != "cuda":
@@ -1600,17 +1683,10 @@ def resolve(cfg: Config) -> Config:
         cfg.bf16 = cfg.device == "cuda" and not tiny and torch.cuda.is_bf16_supported(including_emulation=False)
         if cfg.device == "cuda" and not tiny and not cfg.bf16:  # a T4 or V100: bf16 would be emulated, slowly
             print("egpo: this GPU has no native bf16: training in fp32 (--bf16 forces bf16 autocast)")
-    if cfg.sft_steps is None:  # a checkpoint of the tiny model is warmed up already
-        cfg.sft_steps = 500 * cfg.toy_digits if cfg.model == "tiny" and cfg.dataset == "toy" else 0
     if tiny and cfg.dataset != "toy" and not cfg.sft_steps and not cfg.resume:
         print(f"egpo: the tiny model knows only the toy task ('47+38=' -> '...#### 85'); on {cfg.dataset} it gets "
               "no warm-up and prompts it never saw ('Question: ... Answer:'), so expect 0% reward. To let it learn "
               "a file, give the file worked solutions ('... #### 42') and pass --sft-steps N")
-    paper = {"eval_temperature": ("temperature", 0.6), "eval_top_p": ("top_p", 0.95), "eval_top_k": ("top_k", 20),
-             "eval_max_new_tokens": ("max_new_tokens", None)}  # the paper's evaluation protocol (Section 4.1)
-    for name, (training, value) in paper.items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, getattr(cfg, training) if tiny or value is None else value)
     if cfg.clip_eps_high is None:
         cfg.clip_eps_high = 0.28 if cfg.algo == "dapo" else 0.2
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -1657,6 +1733,8 @@ def parse_args(argv=None) -> Config:
                                      argument_default=argparse.SUPPRESS)  # a flag not given is left out
     for f in dataclasses.fields(Config):
         name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.name in AUTO:  # [tiny / real models], or one value for both
+            help += f" [{' / '.join(dict.fromkeys('all' if v is None else str(v) for v in AUTO[f.name]))}]"
         if f.type is bool:  # --flag; an auto (None) default also gets --no-flag
             parser.add_argument(name, action="store_true" if f.default is False else argparse.BooleanOptionalAction,
                                 help=help)

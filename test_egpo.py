@@ -851,7 +851,7 @@ def test_first_ppo_ratio_is_exactly_one_on_cpu():
     model, tok = egpo.load_policy(cfg, torch.device("cpu"))
     batch = egpo.rollout(model, tok, [tok("1+2=")["input_ids"], tok("12+34=")["input_ids"]], ["3", "46"], 4, cfg)
     args = (batch["input_ids"], batch["attention_mask"], batch["response_mask"].shape[1])
-    old = egpo.frozen_logprobs(model, *args, cfg)  # how rl_step takes the old log-probs
+    old = egpo.no_grad_logprobs(model, *args, cfg)  # how rl_step takes the old log-probs
     model.train()
     assert torch.equal(egpo.token_logprobs(model, *args, 0.8).detach(), old)  # the training forward
 
