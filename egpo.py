@@ -6,7 +6,7 @@ group-normalised advantages, PPO-clip update) in which each response's advantage
 confident the model was when it wrote it, and in which a group of only wrong answers is pushed
 down instead of ignored.
 
-    python egpo.py                            # offline demo: tiny model, toy task, CPU, about a minute
+    python egpo.py                            # offline demo: tiny model, toy task, CPU, a minute
     python egpo.py --algo grpo                # the same run with GRPO (also dapo, edge-grpo)
     python egpo.py --calibration symmetric    # an ablation of the paper's Table 2 (C1)
     python egpo.py --model Qwen2.5-0.5B       # a real model on GSM8K (CUDA, bf16 autocast)
@@ -49,13 +49,13 @@ def flag(default, help, choices=None, check=None):
 class Config:
     """Every flag of `python egpo.py`. A default of None is "auto": AUTO's, or resolve()'s."""
     # --- the run
-    model: str = flag("tiny", "tiny (built here), an alias such as Qwen2.5-0.5B, a hub id or a dir")
+    model: str = flag("tiny", "tiny (built here), an alias (Qwen2.5-0.5B), a hub id or a folder")
     dataset: str = flag(None, "toy | gsm8k | math500 | openr1 | a local file | NAME=PATH")
     device: str = flag("auto", "cpu | cuda [cpu for tiny; cuda, if there is one]", "auto cpu cuda")
     seed: int = flag(0, "seed of the tiny model's init, the data and the sampling")
     out: str = flag(None, "folder of the run's files and checkpoint/ [runs/<time>-<algo>-<model>]")
     resume: str = flag(None, "continue the run in this folder from its last checkpoint")
-    overwrite: bool = flag(False, "replace the run that --out holds (its files are deleted first)")
+    overwrite: bool = flag(False, "replace the run that --out holds (its files deleted first)")
     steps: int = flag(None, "RL steps; 0 = only the warm-up and an evaluation", check=">= 0")
     # --- the algorithm: Table 1's baselines are --algo values, Table 2's ablations flags
     algo: str = flag("egpo", "egpo | grpo | dapo | edge-grpo (Table 1)", "egpo grpo dapo edge-grpo")
@@ -63,70 +63,66 @@ class Config:
                             "pos-only (C3)", "asymmetric symmetric neg-only pos-only")
     lambda_min: float = flag(0.8, "Eq. 8: lower clamp of the weight", check="(0, 1]")
     lambda_max: float = flag(2.0, "Eq. 8: upper clamp of the weight", check=">= 1")
-    nsr: str = flag("entropy", "all-wrong groups, Eq. 13: entropy | flat (C4) | off (as GRPO)",
+    nsr: str = flag("entropy", "all-wrong groups, Eq. 13: entropy | flat (C4) | off",
                     "entropy flat off")
     renorm: str = flag("none", "Eq. 9, w / mean(w): none | after-clamp (C5) | before-clamp (C6)",
                        "none after-clamp before-clamp")
     entropy_span: str = flag("response", "Eq. 5's tokens: response | answer (after </think>); under "
                              "another --algo: only the logged entropies", "response answer")
-    max_resample: int = flag(10, "dapo: sampling rounds at most to fill a batch with mixed groups",
-                             check=">= 1")
+    max_resample: int = flag(10, "dapo: sampling rounds at most to fill a batch", check=">= 1")
     # --- sampling
     prompts_per_step: int = flag(8, "B: prompts per RL step", check=">= 1")
     group_size: int = flag(8, "G: responses per prompt (TRL: num_generations)", check=">= 2")
     max_new_tokens: int = flag(None, "longest response", check=">= 1")
-    temperature: float = flag(1.0, "sampling temperature; log-probs are of logits / temperature",
-                              check="> 0")
+    temperature: float = flag(1.0, "sampling temperature (log-probs of logits / T)", check="> 0")
     top_p: float = flag(1.0, "nucleus sampling mass (1 = off)", check="(0, 1]")
     top_k: int = flag(0, "sample from the k likeliest tokens only (0 = off)", check=">= 0")
-    max_num_seqs: int = flag(None, "responses sampled at once, a bound on the KV cache (vLLM, verl) "
-                             "[all]", check=">= 1")
+    max_num_seqs: int = flag(None, "responses sampled at once (vLLM, verl) [all]", check=">= 1")
     thinking: bool = flag(False, "Qwen3's chat template in thinking mode")
     # --- the update
     lr: float = flag(None, "AdamW learning rate", check="> 0")
-    beta: float = flag(0.0, "weight of the k3 KL to the initial policy (0 = no reference model)",
-                       check=">= 0")
+    beta: float = flag(0.0, "weight of the k3 KL to the initial policy", check=">= 0")
     clip_eps_low: float = flag(0.2, "PPO clip: ratio >= 1 - clip_eps_low (TRL: epsilon)",
                                check="[0, 1)")
-    clip_eps_high: float = flag(None, "PPO clip: ratio <= 1 + clip_eps_high [0.28 for dapo, else 0.2]",
+    clip_eps_high: float = flag(None, "PPO clip: ratio <= 1 + clip_eps_high [dapo 0.28, else 0.2]",
                                 check=">= 0")
     loss_agg: str = flag("token-mean", "token-mean (TRL: dapo) | seq-mean-token-mean (TRL: grpo)",
                          "token-mean seq-mean-token-mean")
     mu: int = flag(1, "optimizer steps on each sampled batch (PPO epochs)", check=">= 1")
     max_grad_norm: float = flag(1.0, "gradient-norm clipping (0 = no clipping)", check=">= 0")
-    micro_batch_size: int = flag(None, "responses per forward and backward [by --micro-batch-tokens]",
+    micro_batch_size: int = flag(None, "responses per forward and backward [by tokens]",
                                  check=">= 1")
     micro_batch_tokens: int = flag(None, "tokens per forward and backward (verl)", check=">= 1")
     gradient_checkpointing: bool = flag(False, "trade compute for memory in the update")
-    fsdp: bool = flag(False, "under torchrun: shard the model over the processes (FSDP2), not DDP")
-    bf16: bool = flag(None, "bf16 autocast over fp32 weights, on CUDA only [on if the GPU has bf16]")
+    fsdp: bool = flag(False, "under torchrun: shard the model (FSDP2), not DDP")
+    bf16: bool = flag(None, "bf16 autocast over fp32 weights, on CUDA [on if the GPU has bf16]")
     # --- the tiny model's warm-up and the toy task
     sft_steps: int = flag(None, "supervised warm-up steps, at most", check=">= 0")
-    sft_target: float = flag(0.5, "end the warm-up at this greedy accuracy (0 = all its steps)",
-                             check="[0, 1]")
+    sft_target: float = flag(0.5, "end the warm-up at this greedy accuracy", check="[0, 1]")
     sft_lr: float = flag(3e-3, "learning rate of the warm-up", check="> 0")
     sft_batch_size: int = flag(64, "batch size of the warm-up", check=">= 1")
     toy_digits: int = flag(2, "operand digits of the toy additions (3: many all-wrong groups)",
                            check=">= 1")
     # --- evaluation and checkpoints
-    eval_datasets: str = flag(None, "math500, aime24, minerva, gsm8k, mmlu-stem, files: instead of "
-                              "the held-out split")
+    eval_datasets: str = flag(None, "math500, aime24, minerva, gsm8k, mmlu-stem, files [held-out]")
     eval_samples: int = flag(None, "k: sampled answers per problem, for pass@1", check=">= 1")
     eval_temperature: float = flag(None, "evaluation temperature", check="> 0")
     eval_top_p: float = flag(None, "evaluation top-p", check="(0, 1]")
     eval_top_k: int = flag(None, "evaluation top-k", check=">= 0")
     eval_max_new_tokens: int = flag(None, "longest evaluation answer", check=">= 1")
-    eval_every: int = flag(None, "evaluate every N steps; 0 = before and after RL only", check=">= 0")
+    eval_every: int = flag(None, "evaluate every N steps (0: before and after RL)", check=">= 0")
     eval_size: int = flag(200, "problems of the training set held out for evaluation", check=">= 0")
-    save_every: int = flag(None, "write checkpoint/ every N steps; 0 = at the end only", check=">= 0")
+    save_every: int = flag(None, "write checkpoint/ every N steps (0: at the end)", check=">= 0")
     log_completions: bool = flag(False, "write every sampled response to completions.jsonl (TRL)")
 
 # The auto defaults: (the tiny model's, real models'), shown in --help as [tiny / real]. A value
 # '--x' is flag x's value; the evaluation's for real models are the paper's (Section 4.1).
 AUTO = {"dataset": ("toy", "gsm8k"), "steps": (100, 200), "max_new_tokens": (40, 512),
-        "lr": (1e-4, 1e-6), "micro_batch_tokens": (None, 8192), "sft_steps": ("500 x --toy-digits", 0),
-        "eval_samples": (1, 8), "eval_temperature": ("--temperature", 0.6), "eval_top_p": ("--top-p", 0.95),
-        "eval_top_k": ("--top-k", 20), "eval_max_new_tokens": ("--max-new-tokens", "--max-new-tokens"),
+        "lr": (1e-4, 1e-6), "micro_batch_tokens": (None, 8192),
+        "sft_steps": ("500 x --toy-digits", 0),
+        "eval_samples": (1, 8), "eval_temperature": ("--temperature", 0.6),
+        "eval_top_p": ("--top-p", 0.95), "eval_top_k": ("--top-k", 20),
+        "eval_max_new_tokens": ("--max-new-tokens", "--max-new-tokens"),
         "eval_every": (0, 50), "save_every": (0, 50)}
 
 # --- Eq. 5: the entropy proxy ---------------------------------------------------------------------
@@ -147,8 +143,9 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 def confidence_ratio(entropy: torch.Tensor, group_size: int, eps_h: float = 1e-5) -> torch.Tensor:
-    """Eq. 7: w^_i = Hbar / (H_i + eps_H), Hbar the group's mean H over its valid responses; w^_i > 1:
-    more confident than the group. A response without H (NaN) is left out of Hbar, and w^ = 1."""
+    """Eq. 7: w^_i = Hbar / (H_i + eps_H), Hbar the group's mean H over its valid responses;
+    w^_i > 1: more confident than the group. A response without H (NaN) is left out of Hbar, and
+    its w^ is 1."""
     h = entropy.float().view(-1, group_size)                                             # (B, G)
     w = h.nanmean(1, keepdim=True) / (h + eps_h)
     return torch.where(h.isnan(), 1.0, w).view(-1)
@@ -172,8 +169,8 @@ def calibration_weights(rewards: torch.Tensor, entropy: torch.Tensor, group_size
     if renorm == "before-clamp":                                                         # Eq. 9, C6
         w_hat = w_hat / w_hat.mean(1, keepdim=True)
     c = w_hat.clamp(lambda_min, lambda_max)                                              # Eq. 8
-    w_correct = c.clamp(min=1.0) if calibration in ("asymmetric", "pos-only") else c  # never weakened
-    w_wrong = c.clamp(max=1.0) if calibration in ("asymmetric", "neg-only") else c    # nor strengthened
+    w_correct = c.clamp(min=1.0) if calibration in ("asymmetric", "pos-only") else c  # not weakened
+    w_wrong = c.clamp(max=1.0) if calibration in ("asymmetric", "neg-only") else c  # nor raised
     w = torch.where(r > 0, w_correct, w_wrong)
     if renorm == "after-clamp":                                                          # Eq. 9, C5
         w = w / w.mean(1, keepdim=True)
@@ -204,8 +201,8 @@ def egpo_advantages(rewards: torch.Tensor, entropy: torch.Tensor, group_size: in
     if nsr == "flat":                                                                    # C4
         w = torch.where(all_wrong, 1.0, w)
     nsr_base = -1.0 if nsr in ("entropy", "flat") else 0.0                               # Eq. 13
-    base = torch.where(all_wrong, nsr_base, grpo_advantages(rewards, group_size, eps).view(-1, group_size))
-    base = torch.where(all_correct, 0.0, base)                                           # Eq. 10
+    adv = grpo_advantages(rewards, group_size, eps).view(-1, group_size)               # Eq. 2
+    base = torch.where(all_correct, 0.0, torch.where(all_wrong, nsr_base, adv))          # Eq. 10
     return (w * base).view(-1)                                                           # Eq. 11
 
 # --- Eq. 12: the policy loss ----------------------------------------------------------------------
@@ -237,16 +234,17 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps_low=0.2, c
     if beta > 0:
         per_token = per_token + beta * kl
     loss = masked_mean(per_token, mask, loss_agg)
-    clip_active = (clipped < unclipped).to(mask.dtype)  # exactly where the clipped branch has no gradient
+    clip_active = (clipped < unclipped).to(mask.dtype)  # exactly where the clip takes the gradient
     return loss, {"kl": masked_mean(kl.detach(), mask).item(),
                   "clip_frac": masked_mean(clip_active, mask).item()}
 
 # --- Algorithm 1: one RL step ---------------------------------------------------------------------
 def sample_batch(policy, tokenizer, draw, cfg: Config) -> dict:
-    """Algorithm 1's sampling: G responses to each prompt draw() gives this process (with their golds
-    and sampling noise), verified. --algo dapo draws until its groups are mixed (dynamic_sampling)."""
+    """Algorithm 1's sampling: G responses to each prompt that draw() gives this process (with its
+    gold and its sampling noise), verified. --algo dapo draws until its groups are mixed
+    (dynamic_sampling)."""
     t0 = time.perf_counter()
-    with full_weights(policy, cfg.bf16) as sampler:  # FSDP: the weights gathered once, for all tokens
+    with full_weights(policy, cfg.bf16) as sampler:  # FSDP: the weights gathered once for all
         if cfg.algo == "dapo":
             batch, groups = dynamic_sampling(sampler, tokenizer, draw, cfg)
         else:
@@ -288,8 +286,9 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
     for _ in range(cfg.mu):
         optimizer.zero_grad()
         for s, weight, token_share in zip(chunks, weights, token_shares):
-            with gradient_sync(policy, s is chunks[-1]):  # reduced over the processes once, at the end
-                logprobs = token_logprobs(policy, ids[s], attn[s], n_response, cfg.temperature, cfg.bf16)
+            with gradient_sync(policy, s is chunks[-1]):  # processes' gradients summed at the end
+                logprobs = token_logprobs(policy, ids[s], attn[s], n_response, cfg.temperature,
+                                          cfg.bf16)
                 loss, stats = policy_loss(logprobs, logprobs.detach() if old is None else old[s],
                                           adv_tilde[s], mask[s], clip_eps_low=cfg.clip_eps_low,
                                           clip_eps_high=cfg.clip_eps_high, beta=cfg.beta,
@@ -299,7 +298,8 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
             logs["loss"] += loss.item() * weight / rank_and_world_size()[1] / cfg.mu
             for k in ("kl", "clip_frac"):
                 logs[k] += stats[k] * token_share / cfg.mu
-        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
+                                              cfg.max_grad_norm or float("inf"))
         logs["grad_norm"] += float(norm) / cfg.mu  # before clipping; --max-grad-norm 0: no clipping
         optimizer.step()
     return step_metrics(batch, entropy, adv, adv_tilde, logs, time.perf_counter() - t0, cfg)
@@ -315,7 +315,7 @@ def dynamic_sampling(sampler, tokenizer, draw, cfg: Config) -> tuple[dict, int]:
         prompts, golds, noise = draw()
         n_prompts = len(prompts)  # this process's share of B
         batch = rollout(sampler, tokenizer, prompts, golds, G, cfg, noise=noise)
-        mixed = batch["rewards"].view(-1, G).std(1) > 0                                  # (n_prompts,)
+        mixed = batch["rewards"].view(-1, G).std(1) > 0                            # (n_prompts,)
         mixed &= mixed.cumsum(0) <= n_prompts - n_mixed  # no more than the batch needs
         parts.append(batch)
         keep.append(mixed.repeat_interleave(G))
@@ -345,18 +345,18 @@ def sample(policy, input_ids, attention_mask, stop_ids: list[int], pad_id: int, 
            *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, noise=None,
            bf16: bool = False):
     """Algorithm 1's sampler: one forward over the left-padded prompts (prefill), then one token per
-    forward from the KV cache. noise None: greedy; else noise[:, t] (uniforms) picks token t by `pick`
-    from softmax(logits / temperature): a row's sample depends on its own noise only, so one process
-    or N sample the same. A row stops at its first token of `stop_ids` (pad_id after it). Returns
-    (N, L) each: the tokens, their log-probs under softmax(logits / temperature) (the paper: "already
-    computed during rollout generation"), and the full distribution's entropy (EDGE-GRPO)."""
+    forward from the KV cache. noise None: greedy; else noise[:, t] (uniforms) picks token t by
+    `pick` from softmax(logits / temperature): a row's sample depends on its own noise only, so one
+    process or N sample the same. A row stops at its first token of `stop_ids` (pad_id after it).
+    Returns (N, L) each: the tokens, their log-probs under softmax(logits / temperature) (the paper:
+    "already computed during rollout generation"), and the distribution's entropy (EDGE-GRPO)."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     stop = torch.tensor(stop_ids, device=input_ids.device)
     done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
     x, cache, tokens, logprobs, entropies = input_ids, None, [], [], []
     with autocast(input_ids.device, bf16):  # once: the weights are cast to bf16 at the first token
         for t in range(max_new_tokens):
-            logits, cache = policy(x, attention_mask, position_ids, temperature, cache=cache)  # (N, V)
+            logits, cache = policy(x, attention_mask, position_ids, temperature, cache=cache)
             log_p = logits.log_softmax(-1)
             p = log_p.exp()
             token = logits.argmax(-1) if noise is None else pick(p, noise[:, t], top_p, top_k)
@@ -397,7 +397,7 @@ def rollout(policy, tokenizer, prompts: list[list[int]], golds: list[str], n: in
     if cfg.entropy_span == "answer":
         think_end = tokenizer("</think>", add_special_tokens=False)["input_ids"]
         entropy_mask = answer_mask(response, response_mask, think_end)
-    rows = [r[m].tolist() for r, m in zip(response.cpu(), response_mask.cpu())]  # one copy from a GPU
+    rows = [r[m].tolist() for r, m in zip(response.cpu(), response_mask.cpu())]  # one GPU copy
     texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
     golds = [g for g in golds for _ in range(n)]
     rewards = torch.tensor([verify(t, g) for t, g in zip(texts, golds)], device=device)  # verify
@@ -405,7 +405,8 @@ def rollout(policy, tokenizer, prompts: list[list[int]], golds: list[str], n: in
     return {"input_ids": torch.cat([ids, response], 1),
             "attention_mask": torch.cat([attn, torch.ones_like(response)], 1),
             "response_mask": response_mask, "entropy_mask": entropy_mask, "truncated": truncated,
-            "logprobs": logprobs, "token_entropy": token_entropy, "rewards": rewards, "texts": texts,
+            "logprobs": logprobs, "token_entropy": token_entropy, "rewards": rewards,
+            "texts": texts,
             "prompts": [p for p in tokenizer.batch_decode(prompts, skip_special_tokens=True)
                         for _ in range(n)]}
 
@@ -431,7 +432,7 @@ def answer_mask(response: torch.Tensor, mask: torch.Tensor, marker: list[int]) -
 def train(cfg: Config) -> dict:
     """The whole run: model, data, warm-up, RL steps with logs and checkpoints, evaluations and
     summary; with --resume, the rest of a run from its last checkpoint. Under torchrun every process
-    runs this (rank 0 alone prints and writes files), and main() tears the process group down after."""
+    runs this (rank 0 alone prints and writes files); main() tears the process group down after."""
     device, resumed = set_up(cfg)  # torchrun's processes, the checkpoint to resume from, the seeds
     policy, tokenizer = load_policy(cfg, device, resumed and resumed["path"])
     rows, prompts, evals = load_data(cfg, tokenizer, policy)
