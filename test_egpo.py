@@ -338,6 +338,14 @@ def test_metrics_of_an_all_wrong_group_with_a_response_without_entropy():
     assert math.isnan(m["weight_mean"]) and math.isnan(m["auroc_confidence"])  # no mixed group, one class
 
 
+def test_a_right_answer_without_entropy_is_in_no_quadrant():
+    rewards, entropy = t(1, 1, 0, 0), t(0.5, float("nan"), 0.5, 2.0)  # Hbar = 1 over the valid three
+    adv = egpo.grpo_advantages(rewards, 4)
+    m = egpo.calibration_metrics(rewards, entropy, adv, egpo.egpo_advantages(rewards, entropy, 4), 4)
+    assert (m["confident_correct"], m["fragile_correct"], m["overconfident_wrong"], m["exploratory_wrong"]) == \
+        (1, 0, 1, 1)
+
+
 # ---------------------------------------------------------------- verifier
 GSM8K_CASES = [
     ("She pays 5+3=8 dollars.\n#### 8", "8", 1),
@@ -515,6 +523,8 @@ LOOK_ALIKE_WRONG_CASES = [
     ("\\boxed{x^23}", "x^{23}", 0),  # TeX reads x^2·3
     ("\\boxed{\\text{tase}}", "\\text{east}", 0),  # a word is one symbol, not a product of letters
     ("\\boxed{2^{2^{2^{100}}}}", "2^{2^{2^{101}}}", 0),  # too big to compute: no answer
+    ("\\boxed{\\sqrt{-4}}", "1", 0),  # no root of a negative number is taken
+    ("\\boxed{\\sqrt{-4}}", "2", 0),
 ]
 
 
@@ -1534,6 +1544,8 @@ def test_rows_without_an_answer_are_left_out_and_answers_are_read_as_written(tmp
         [("1+3=", "4"), ("5+5=", "10"), ("Is it NA?", "NA")]
     math500 = write_parquet(tmp_path / "m.parquet", [dict(SCHEMAS["math500"][0], answer=None), SCHEMAS["math500"][1]])
     assert [r["answer"] for r in egpo.read_dataset(f"math500={math500}")] == ["\\frac{1}{2}"]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"question": "1+3=", "answer": a}) + "\n" for a in "45"))
+    assert [r["answer"] for r in egpo.read_dataset(str(tmp_path / "b.jsonl"))] == ["4"]  # the first of duplicates
 
 
 def test_each_benchmark_gets_its_own_prompt_whatever_the_training_set(tmp_path):
@@ -2373,6 +2385,12 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tmp_path, capsys):
     data.write_text("".join(json.dumps({"question": "1+" * 150 + str(i), "answer": "151"}) + "\n" for i in range(4)))
     expect_user_error(["--dataset", str(data), "--eval-size", "1", "--out", str(tmp_path)], capsys,
                       "exceeds the model's context of 256", "--max-new-tokens")
+    _, tok = egpo.build_tiny_model(0)  # prompts of 236 tokens: they fit alone, not with 40 more
+    question = "1" * (235 - len(egpo.build_prompt(tok, "", "file")))
+    assert len(egpo.build_prompt(tok, question + "0", "file")) == 236
+    data.write_text("".join(json.dumps({"question": question + str(i), "answer": "1"}) + "\n" for i in range(4)))
+    expect_user_error(["--dataset", str(data), "--eval-size", "1", "--out", str(tmp_path)], capsys,
+                      "exceeds the model's context of 256")
 
 
 # ---------------------------------------------------------------- scripts/: the commands behind the README's numbers
