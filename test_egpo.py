@@ -1511,6 +1511,7 @@ SCHEMAS = {
                for i, (p, s, a, q) in enumerate([("Find x if 2x = 6.", "x = \\boxed{3}", "3", "math-word-problem"),
                                                  ("Find x if 2x = 6.", "x = \\boxed{3}", "3", "math-word-problem"),
                                                  ("Prove that 2 > 1.", "Trivial.", "proof", "proof"),
+                                                 ("Prove that 1 + 1 = 2.", "So 2.", "2", "proof"),
                                                  ("Find y.", "unknown", "notfound", "math-word-problem"),
                                                  ("What is 1/2 + 1/4?", "\\boxed{\\frac34}", "\\frac{3}{4}", "MCQ")])],
 }
