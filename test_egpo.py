@@ -2367,6 +2367,10 @@ def test_dataset_errors(tmp_path, capsys):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "1+1", "answer": "2"}\n{not json\n')
     expect_user_error(["--dataset", str(broken), "--out", str(tmp_path)], capsys, "could not read")
+    plain = tmp_path / "plain.jsonl"  # answers without a worked solution: nothing to warm up on
+    plain.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(9)))
+    expect_user_error(["--dataset", str(plain), "--eval-size", "2", "--sft-steps", "5", "--out", str(tmp_path)],
+                      capsys, "--sft-steps needs worked solutions")
 
 
 def test_a_reading_error_without_a_message_is_still_one_line(tmp_path, capsys, monkeypatch):
