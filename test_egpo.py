@@ -326,6 +326,8 @@ def test_quadrants_and_group_counts():
     assert m["entropy_correct"] == pytest.approx(6.5 / 6) and m["entropy_incorrect"] == pytest.approx(1.25)
     # -H of the 6 correct (-0.5, -2, -1 x4) against the 2 wrong (-0.5, -2): 6 of the 12 pairs won, ties 1/2
     assert m["auroc_confidence"] == pytest.approx(6 / 12)
+    sure_when_right = egpo.calibration_metrics(t(1, 1, 0, 0), t(0.1, 0.2, 1, 2), adv[:4], adv[:4], 4)
+    assert sure_when_right["auroc_confidence"] == 1.0  # low H predicts a right answer
 
 
 def test_metrics_of_an_all_wrong_group_with_a_response_without_entropy():
@@ -1592,12 +1594,13 @@ def test_pass_at_1_is_the_mean_over_k_samples_with_its_standard_error(monkeypatc
     """3 problems, k = 4, the verifier's rewards replaced on real rollouts: pass@1 per problem
     (0.5, 0, 1), mean 0.5, standard error std / sqrt(3) = 0.5 / sqrt(3); greedy (1, 0, 1)."""
     rewards = iter([t(1, 0, 1), t(1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1)])
-    real_rollout, truncated = egpo.rollout, []
+    real_rollout, truncated, greedy = egpo.rollout, [], []
 
     def rollout(*args, **kwargs):
         batch = real_rollout(*args, **kwargs)
         batch["rewards"] = next(rewards)
         truncated.append(batch["truncated"])
+        greedy.append(kwargs.get("greedy", False))
         return batch
 
     monkeypatch.setattr(egpo, "rollout", rollout)
@@ -1608,7 +1611,7 @@ def test_pass_at_1_is_the_mean_over_k_samples_with_its_standard_error(monkeypatc
     assert m["toy/eval_acc"] == pytest.approx(2 / 3) and m["toy/eval_acc_sampled"] == pytest.approx(0.5)
     assert m["toy/eval_acc_sampled_se"] == pytest.approx(0.5 / 3 ** 0.5)
     assert m["toy/eval_truncated"] == pytest.approx(truncated[1].float().mean().item())  # the samples', not greedy's
-    assert len(truncated[1]) == 12
+    assert len(truncated[1]) == 12 and greedy == [True, False]  # eval_acc is the greedy answers'
 
 
 def test_evaluation_only_on_benchmarks_writes_one_table(tmp_path, capsys):
