@@ -157,7 +157,7 @@ def calibration_weights(rewards: torch.Tensor, entropy: torch.Tensor, group_size
     """Each response's weight w_i (Eqs. 7-9), per group of `group_size` rows:
     - Eq. 7: w^ = Hbar / (H + eps_h)                                       (confidence_ratio)
     - Eq. 8: c = clip(w^, lambda_min, lambda_max); w = max(1, c) if correct, min(1, c) if wrong:
-      a right answer is never down-weighted, a failure never penalised more than by GRPO. Table 2:
+      a right answer's weight is never below 1, a wrong answer's never above 1. Table 2:
       C1 symmetric: w = c for all; C2 neg-only: only wrong answers get min(1, c), right ones c;
       C3 pos-only: only right answers get max(1, c), wrong ones c.
     - Eq. 9 (optional): w <- w / mean_group(w), after the clamp (C5) or on w^ before it (C6)."""
@@ -267,9 +267,11 @@ def rl_step(policy, ref_model, optimizer, batch: dict, cfg: Config) -> dict:
         adv_tilde = egpo_advantages(rewards, entropy, G, calibration=cfg.calibration,
                                     lambda_min=cfg.lambda_min, lambda_max=cfg.lambda_max,
                                     nsr=cfg.nsr, renorm=cfg.renorm)
-    elif cfg.algo == "edge-grpo":  # Table 1's EDGE-GRPO: w = clip(Pbar / (P + 1e-6), 0.5, 2) for
-        p = (batch["token_entropy"] * mask).sum(1) / mask.sum(1)  # all, P the full distribution's
-        adv_tilde = confidence_ratio(p, G, eps_h=1e-6).clamp(0.5, 2.0) * adv  # mean entropy; no NSR
+    elif cfg.algo == "edge-grpo":
+        # Table 1's EDGE-GRPO: w = clip(Pbar / (P + 1e-6), 0.5, 2) for every answer, P the mean
+        # entropy of the full distribution over the answer's tokens; no NSR
+        p = (batch["token_entropy"] * mask).sum(1) / mask.sum(1)                         # (N,)
+        adv_tilde = confidence_ratio(p, G, eps_h=1e-6).clamp(0.5, 2.0) * adv
     else:  # grpo, dapo
         adv_tilde = adv
     # pi_old, the policy that sampled the batch, gives Eq. 12's ratio its denominator. With --mu 1
@@ -618,25 +620,42 @@ def verify(completion: str, gold: str) -> float:
         gold = extract_answer(gold) or ""
     if not answer or not gold.strip():
         return 0.0
-    return float(_same(_normalize(answer), _normalize(gold)))
+    (x, a), (y, b) = _normalize(answer), _normalize(gold)
+    return float((x == y or not (x and y)) and _same(a, b))  # x = 5 for 5, not for y = 5
 
 def _same(a: str, b: str, depth: int = 0) -> bool:
     """Equal as strings, numbers or expressions, else part by part: a tuple's entries in order, an
     interval's brackets, an equation's sides, a matrix's entries. A set's too, in order: telling a
     set from a list of solutions or a tuple is guesswork, and strict costs only a right answer."""
-    if a.replace(" ", "").lower() == b.replace(" ", "").lower():
+    if _squeeze(a) == _squeeze(b):
         return True
+    if all(re.fullmatch(r"[A-Za-z]{2,}( [A-Za-z]+)*", x) for x in (a, b)):  # words: Yes = yes
+        return _squeeze(a).lower() == _squeeze(b).lower()
     if depth > 20 or max(len(a), len(b)) > 1000:  # bounds the time: a real answer is shorter
         return False
     p, q = _parse(a), _parse(b)
     if p is not None and q is not None:  # two expressions, with nothing to split
         if set(p) | set(q) <= {()}:  # numbers: exactly, unless a decimal stands for a fraction
-            x, y = p.get((), 0), q.get((), 0)
-            return x == y or "." in a + b and abs(x - y) <= 1e-6 * max(abs(x), abs(y))
+            x, y = Fraction(p.get((), 0)), Fraction(q.get((), 0))  # that has no finite one (1/3)
+            decimal = "." in a + b and not (_finite(x) and _finite(y))
+            return x == y or decimal and abs(x - y) <= Fraction(1, 10 ** 6) * max(abs(x), abs(y))
         return p == q
     pa, pb = _split(a), _split(b)
-    return bool(pa and pb) and len(pa) == len(pb) and all(
-        _same(x, y, depth + 1) if i % 2 == 0 else x == y for i, (x, y) in enumerate(zip(pa, pb)))
+    if pa and pb:
+        return len(pa) == len(pb) and all(_same(x, y, depth + 1) if i % 2 == 0 else x == y
+                                          for i, (x, y) in enumerate(zip(pa, pb)))
+    return False
+
+def _squeeze(s: str) -> str:
+    """s without spaces, but for one between two digits ('2 1/2' is not '21/2')."""
+    return re.sub(r"(?<!\d)\s+|\s+(?!\d)", "", s)
+
+def _finite(x: Fraction) -> bool:
+    """x has a finite decimal: its denominator's primes are 2 and 5 only."""
+    d = x.denominator
+    while d % 10 == 0 or d % 2 == 0 or d % 5 == 0:
+        d //= 10 if d % 10 == 0 else 2 if d % 2 == 0 else 5
+    return d == 1
 
 def _split(s: str) -> list[str] | None:
     """[part, separator, part, ...] cut at s's top-level separators (',', '=', '\\cup', '\\\\'...),
@@ -703,6 +722,8 @@ def _argument(ts: list) -> dict:
 def _atom(ts: list) -> dict:
     t = ts.pop()
     if t[0].isdigit() or t[0] == ".": return {(): Fraction(t)} if Fraction(t) else {}
+    if t[0].isalpha() and len(t) > 1 and ts and ts[-1] == "(":  # sin(x + y): a function's, not a
+        raise ValueError(t)  # product's; a letter's, as 4b(a-b) or x(x-6), is read as a product
     if t[0].isalpha() or t == "\\pi": return {((t, 1),): Fraction(1)}
     if t == "\\frac": return _times(_argument(ts), _inverse(_argument(ts)))
     if t == "\\sqrt":
@@ -773,9 +794,10 @@ def _primes(n: int) -> list[int]:
             p += 1
     return out + [n] * (n > 1)
 
-def _normalize(s: str) -> str:
-    """Strip what does not change an answer's value: outer braces, $, LaTeX spacing and text
-    wrappers, \\left/\\right, degrees, percent, thousands separators, trailing unit words."""
+def _normalize(s: str) -> tuple[str, str]:
+    """(the variable it names, if it begins 'x =' or 'x \\in'; the answer without what does not
+    change its value: outer braces, $, LaTeX spacing and text wrappers, \\left/\\right, degrees,
+    percent, thousands separators, trailing unit words)."""
     s, k = s.strip().replace("\u2212", "-"), 0  # Unicode minus
     pairs = _brace_pairs(s) if s.startswith("{") else {}
     while pairs.get(k) == len(s) - 1 - k > k:  # '{{5}}' -> '5', every layer in one pass
@@ -787,8 +809,8 @@ def _normalize(s: str) -> str:
     s = _unwrap(_strip_thousands(s))  # '2, 500' stays a list; 5\text{ cm} -> '5 cm', unit below
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree|\\%|%|\bpercent\b|\bpct\b", "", s)
     s = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
-    s = re.sub(r"^[a-zA-Z]\s*(?:=|\\in(?![a-z]))\s*", "", s.strip())  # x = 5 -> 5, x \in [1, 2]
-    s = s.strip().rstrip(".").strip()
+    named = re.match(r"([a-zA-Z])\s*(?:=|\\in(?![a-z]))\s*", s.strip())  # x = 5, x \in [1, 2]
+    s = s.strip()[named.end() if named else 0:].strip().rstrip(".").strip()
     if "," not in s and (_split(s) or [])[1:4:2] == ["(", ")"]:  # (1/3) -> 1/3; not (1, 2), (x)(y)
         s = s[1:-1].strip()
     rest = s  # then up to three trailing unit words, if a value remains: '18 dollars', '5 or more'
@@ -797,7 +819,7 @@ def _normalize(s: str) -> str:
         if not m or m.group(1).lower() not in _UNITS: break
         rest = rest[:m.start()].rstrip()
     letter = re.search(r"(?<![\\A-Za-z])[A-Za-z]", rest)  # a variable: '2x m' keeps its m
-    return rest if rest != s and not letter and _parse(rest) is not None else s
+    return named and named.group(1), rest if rest != s and not letter and _parse(rest) is not None else s
 
 def _unwrap(s: str) -> str:
     """'\\text{\\textbf{5} cm}' -> '5 cm': every text wrapper, nested ones too, in one pass."""
@@ -963,6 +985,11 @@ def load_data(cfg: Config, tokenizer, policy) -> tuple[list, list, dict]:
         raise UserError(f"no training problems left after holding out --eval-size {cfg.eval_size}: lower it")
     if cfg.sft_steps and not all("solution" in r for r in rows):
         raise UserError("--sft-steps needs worked solutions (the toy task, or GSM8K-style '... #### N' answers)")
+    if cfg.dataset == "toy" and rows and rank_and_world_size()[0] == 0:
+        longest = max(len(tokenizer(r["solution"])["input_ids"]) + 1 for r in rows[:1000])  # + the stop token
+        if longest > cfg.max_new_tokens:
+            print(f"egpo: a worked answer of --toy-digits {cfg.toy_digits} takes up to {longest} tokens, more than "
+                  f"--max-new-tokens {cfg.max_new_tokens}: expect every reward to be 0")
     prompts = prompts_of(rows)
     evals, limit = eval_sets(cfg, tokenizer, held_out), context_length(policy.lm, tokenizer)
     for ps, new, name in [(prompts, cfg.max_new_tokens, "--max-new-tokens")] + \
@@ -1366,7 +1393,8 @@ def full_weights(policy, bf16: bool = False):
 def bf16_copy(policy: Policy) -> Policy:
     """A sharded Policy's weights, each shard cast to bf16 and then gathered, in a new model: 2 bytes a
     parameter instead of 4, while the fp32 shards (and so the update) stay as they are. Its buffers
-    (the rotary frequencies) are kept in their own dtype."""
+    (the rotary frequencies) keep their dtype, and its output layer is gathered in fp32, in which
+    Policy computes the logits (untied from the embedding: not cast at every token)."""
     from torch.distributed.tensor import DTensor
     with torch.device("meta"):  # no memory yet
         lm = type(policy.lm)(policy.lm.config)
@@ -1384,6 +1412,9 @@ def bf16_copy(policy: Policy) -> Policy:
             lm.get_parameter(name).copy_(x)
         for name, x in policy.lm.named_buffers():
             lm.get_buffer(name).copy_(x)
+        head = policy.lm.get_output_embeddings().weight.detach()  # gathered in fp32
+        head = head.full_tensor() if isinstance(head, DTensor) else head.clone()
+    lm.get_output_embeddings().weight = torch.nn.Parameter(head, requires_grad=False)
     return Policy(lm).eval()
 
 # --- checkpoints, and a run that stops and resumes ------------------------------------------------
@@ -1529,8 +1560,9 @@ class Run:
             raise KeyboardInterrupt
         if len(self.signals) == 1 and self.rank0:
             then = "after this step" if self.phase == "steps" else "once the last checkpoint is written"
-            print(f"\n{signal.Signals(signum).name}: stopping {then} (Ctrl-C again: at once, without a checkpoint)",
-                  file=sys.stderr)
+            again = "again" if signum == signal.SIGINT else "twice"
+            print(f"\n{signal.Signals(signum).name}: stopping {then} (Ctrl-C {again}: at once, without a "
+                  "checkpoint)", file=sys.stderr)
 
     def start(self, policy, tokenizer, optimizer, evals: dict):
         """Before the first RL step: a resumed run's optimizer and generators, or the evaluation "before"."""

@@ -566,12 +566,28 @@ def test_the_last_answer_tag_wins_and_a_box_inside_it_is_unwrapped():
 
 
 def test_the_decimal_tolerance_is_relative_far_from_one():
-    """1e-6 of the larger value: an absolute 1e-6 would take 0.0000002 for 0.0000001, and would
-    refuse 1200000.9 for 1200000.5, 3.3e-7 apart relative."""
-    assert egpo.verify("\\boxed{0.0000002}", "0.0000001") == 0.0
-    assert egpo.verify("\\boxed{0.00000010000001}", "0.0000001") == 1.0
-    assert egpo.verify("\\boxed{1200000.9}", "1200000.5") == 1.0
-    assert egpo.verify("\\boxed{1200002.5}", "1200000.5") == 0.0  # 1.7e-6 apart
+    """A decimal for a fraction that has no finite decimal (a third) is compared to 1e-6 of the larger
+    value: an absolute 1e-6 would take 0.00000003 for a third of 1e-7 (10% off), and would refuse
+    1200000.3333 for 3600001/3 (2.8e-11 off, relative). Integers and finite decimals are exact, and
+    a number too big for a float is no error."""
+    assert egpo.verify("\\boxed{0.00000003}", "\\frac{1}{3} \\cdot 10^{-7}") == 0.0
+    assert egpo.verify("\\boxed{0.0000000333333}", "\\frac{1}{3} \\cdot 10^{-7}") == 1.0
+    assert egpo.verify("\\boxed{1200000.3333}", "\\frac{3600001}{3}") == 1.0
+    assert egpo.verify("\\boxed{0.333333}", "\\frac{1}{3}") == 1.0 and egpo.verify("\\boxed{0.33}", "1/3") == 0.0
+    for answer, gold in [("1500001.0", "1500000"), ("1000000.5", "1000000"), ("0.0000002", "0.0000001"),
+                         ("10^{310}", "2.5"), ("2^{1100}+0.5", "3")]:
+        assert egpo.verify(f"\\boxed{{{answer}}}", gold) == 0.0, answer
+
+
+def test_a_variable_case_and_spaces_keep_their_meaning():
+    """'x = 5' answers '5', but not 'y = 5'; a letter's case and a space between digits count (only
+    words ignore case); sin(x + y) is a function's value, not a product."""
+    for answer, gold, expected in [("x=5", "5", 1), ("5", "x=5", 1), ("x=5", "y=5", 0), ("y=-\\frac14", "x=-\\frac{1}{4}", 0),
+                                   ("x=2x+1", "y=2x+1", 0), ("y = 1 + 2x", "y=2x+1", 1), ("2 1/2", "21/2", 0),
+                                   ("\\Delta", "\\delta", 0), ("2\\pi r", "2\\pi R", 0), ("C", "c", 0),
+                                   ("sin(x+y)", "sin x + sin y", 0), ("x(x+1)", "x^2+x", 1),
+                                   ("\\text{East}", "east", 1), ("Yes", "yes", 1)]:
+        assert egpo.verify(f"\\boxed{{{answer}}}", gold) == expected, (answer, gold)
 
 
 def test_a_group_of_four_digits_is_not_a_thousands_group():
@@ -1965,6 +1981,16 @@ def test_a_toy_task_of_ten_digits_and_more():
     assert all(egpo.verify(r["solution"], r["answer"]) == 1 for r in te)
 
 
+def test_a_toy_task_whose_answers_do_not_fit_says_so(capsys):
+    """4 digits: a worked answer is 46 characters and the stop token, over the default 40."""
+    for digits in (4, 3):
+        cfg = egpo.resolve(egpo.Config(toy_digits=digits, eval_size=4))
+        policy, tok = egpo.load_policy(cfg, torch.device("cpu"))
+        egpo.load_data(cfg, tok, policy)
+        out = capsys.readouterr().out
+        assert ("takes up to 47 tokens, more than --max-new-tokens 40" in out) == (digits == 4), out
+
+
 def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     expect_user_error(["--out", str(tmp_path / "file" / "run")], capsys, "is not a folder this run can write in")
@@ -2197,9 +2223,10 @@ def sample_with_a_bf16_copy(rank, port, out):
     cfg = egpo.resolve(egpo.Config(max_new_tokens=6, group_size=4, prompts_per_step=4, fsdp=True))
     torch.manual_seed(0)
     policy, tok = egpo.load_policy(cfg, torch.device("cpu"))
-    reference = copy.deepcopy(policy)
+    reference = copy.deepcopy(policy)  # in bf16 but for its output layer, fp32 and untied
     for p in reference.parameters():
         p.data = p.data.to(torch.bfloat16)
+    reference.lm.lm_head.weight = torch.nn.Parameter(policy.lm.lm_head.weight.detach().clone())
     sharded = egpo.parallelize(policy, cfg)
     ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])  # one left-padded row
     attn = (ids != 0).long()
@@ -2208,7 +2235,7 @@ def sample_with_a_bf16_copy(rank, port, out):
     with egpo.full_weights(sharded, bf16=True) as sampler:
         ours, theirs = (dict(sampler.named_parameters()), dict(reference.named_parameters()))
         results["weights"] = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-        results["dtypes"] = {str(x.dtype) for x in ours.values()}
+        results["dtypes"] = {k: str(x.dtype) for k, x in ours.items() if x.dtype != torch.bfloat16}
         buffers = dict(reference.named_buffers())
         results["buffers"] = all(torch.equal(x, buffers[k]) for k, x in sampler.named_buffers())
         for name, u in (("greedy", None), ("sampled", noise)):
@@ -2228,8 +2255,8 @@ def test_fsdp_with_bf16_samples_from_a_bf16_copy_of_its_weights(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(sample_with_a_bf16_copy, args=(port, tmp_path / "out.pt"), nprocs=2)
-    assert torch.load(tmp_path / "out.pt") == {"weights": True, "dtypes": {"torch.bfloat16"}, "buffers": True,
-                                               "greedy": True, "sampled": True}
+    assert torch.load(tmp_path / "out.pt") == {"weights": True, "dtypes": {"lm.lm_head.weight": "torch.float32"},
+                                               "buffers": True, "greedy": True, "sampled": True}
 
 
 def test_gradients_are_reduced_once_per_optimizer_step(tmp_path):

@@ -171,8 +171,9 @@ def main(argv=None):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
         torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=0, world_size=1)
         try:
-            lm, tok = policy()
+            lm, tok = policy()  # the copy: bf16 weights but for the output layer, fp32 (and untied)
             expected = {k: v.to(torch.bfloat16) for k, v in lm.named_parameters()}
+            expected["lm.lm_head.weight"] = lm.lm.lm_head.weight.detach().clone()
             for layer in lm.lm.model.layers:
                 fully_shard(layer)
             fully_shard(lm)
