@@ -607,8 +607,8 @@ def extract_answer(text: str) -> str | None:
 def verify(completion: str, gold: str) -> float:
     """1.0 iff the completion's final answer equals `gold` mathematically: numbers and expressions
     exactly (x+6 = 6+x, √8 = 2√2), a decimal to a 1e-6 relative tolerance, tuples, intervals and
-    matrices part by part, else as normalised strings (case-insensitive). A gold of one capital
-    letter A-J is a multiple-choice option, which the answer must name alone. Never raises."""
+    matrices part by part, else as normalised strings (words whatever their case). A gold of one
+    capital letter A-J is a multiple-choice option, which the answer must name alone. Never raises."""
     answer, gold = extract_answer(completion), gold if isinstance(gold, str) else str(gold)
     if re.fullmatch(r"[A-J]", gold.strip()):  # multiple choice: B, (B), B) 42, ANSWER: B
         if answer is None and isinstance(completion, str):
@@ -651,11 +651,8 @@ def _squeeze(s: str) -> str:
     return re.sub(r"(?<!\d)\s+|\s+(?!\d)", "", s)
 
 def _finite(x: Fraction) -> bool:
-    """x has a finite decimal: its denominator's primes are 2 and 5 only."""
-    d = x.denominator
-    while d % 10 == 0 or d % 2 == 0 or d % 5 == 0:
-        d //= 10 if d % 10 == 0 else 2 if d % 2 == 0 else 5
-    return d == 1
+    """x has a finite decimal: its denominator divides a power of 10 (2^a 5^b)."""
+    return 10 ** x.denominator.bit_length() % x.denominator == 0
 
 def _split(s: str) -> list[str] | None:
     """[part, separator, part, ...] cut at s's top-level separators (',', '=', '\\cup', '\\\\'...),
