@@ -67,8 +67,8 @@ class Config:
                     "entropy flat off")
     renorm: str = flag("none", "Eq. 9, w / mean(w): none | after-clamp (C5) | before-clamp (C6)",
                        "none after-clamp before-clamp")
-    entropy_span: str = flag("response", "Eq. 5's tokens: response | answer (after </think>); under "
-                             "another --algo: only the logged entropies", "response answer")
+    entropy_span: str = flag("response", "Eq. 5's tokens: response | answer (after </think>); "
+                             "under another --algo: only the logged entropies", "response answer")
     max_resample: int = flag(10, "dapo: sampling rounds at most to fill a batch", check=">= 1")
     # --- sampling
     prompts_per_step: int = flag(8, "B: prompts per RL step", check=">= 1")
