@@ -1137,12 +1137,16 @@ def test_the_warm_up_puts_no_bos_token_inside_a_sequence():
     prompts = [egpo.build_prompt(tok, r["question"], "toy") for r in rows]
     policy, seen = egpo.Policy(model), []
     forward = policy.lm.forward
-    policy.lm.forward = lambda **kwargs: seen.append(kwargs["input_ids"]) or forward(**kwargs)
+    policy.lm.forward = lambda **kwargs: seen.append(kwargs) or forward(**kwargs)
     cfg = egpo.resolve(egpo.Config(sft_steps=1, sft_target=0.0, sft_batch_size=2))
     egpo.sft_warmup(policy, tok, rows, prompts, cfg, random.Random(0))
-    expected = {tuple(p + tok(r["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-                for p, r in zip(prompts, rows)}
-    assert {tuple(x[x != tok.pad_token_id].tolist()) for x in seen[0]} == expected
+    targets = {len(p): tok(r["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+               for p, r in zip(prompts, rows)}
+    expected = {tuple(p + targets[len(p)]) for p in prompts}
+    assert {tuple(x[x != tok.pad_token_id].tolist()) for x in seen[0]["input_ids"]} == expected
+    for ids, labels in zip(seen[0]["input_ids"], seen[0]["labels"]):  # the loss: on the solution only
+        n = len(next(p for p in prompts if ids[:len(p)].tolist() == p))
+        assert (labels[:n] == -100).all() and labels[n:n + len(targets[n])].tolist() == targets[n]
 
 
 def test_the_kv_cache_keeps_keys_and_values_in_bf16_under_autocast():
