@@ -960,6 +960,19 @@ def test_edge_grpo_clamps_its_weights_to_half_and_two_on_its_own_line(monkeypatc
     assert [r["egpo_advantage"] for r in rows] == pytest.approx(expected, rel=1e-5)
 
 
+def test_micro_batches_weigh_the_logged_kl_by_their_tokens():
+    """The logged k3 KL (and clip_frac) of a step is the token-mean over the whole batch, whatever the
+    micro-batches: three of 3, 3 and 2 responses (unequal shares) log what one batch logs."""
+    logged = []
+    for micro_batch_size in (None, 3):
+        cfg = egpo.resolve(egpo.Config(max_new_tokens=10, group_size=4, mu=2, beta=0.1, max_grad_norm=0,
+                                       micro_batch_size=micro_batch_size))
+        model, batch = sampled_batch(cfg, rewards=t(1, 0, 1, 0, 0, 0, 0, 0))
+        ref = copy.deepcopy(model).requires_grad_(False)
+        logged.append(egpo.rl_step(model, ref, torch.optim.SGD(model.parameters(), lr=10.0), batch, cfg))
+    assert logged[0]["kl"] > 0 and logged[1]["kl"] == pytest.approx(logged[0]["kl"], rel=1e-4)
+
+
 def test_mu_epochs_start_from_zero_gradients():
     """--mu 2 with lr 0: both epochs see the same parameters, so the gradient left after the
     second is one epoch's, not the sum of two."""
@@ -1074,6 +1087,29 @@ def test_dapo_dynamic_sampling_keeps_mixed_groups_until_the_batch_is_full(monkey
     fallback = egpo.sample_batch(model, tok, draw, cfg)
     assert fallback["groups_sampled"] == 6 and fallback["prompts"] == [q for q in ("4+4=", "5+5=", "6+6=") for _ in "ab"]
     assert fallback["input_ids"].shape[0] == 6 and fallback["rewards"].tolist() == [1.0] * 6
+
+
+def test_dapo_under_torchrun_tops_a_short_batch_up_with_uniform_groups(monkeypatch):
+    """As rank 0 of 2 processes, the other one full: after --max-resample 2 rounds this process has
+    1 mixed group of the 3 it needs, so the last round's first 2 uniform groups fill its batch
+    (advantage 0), and both processes hold as many rows."""
+    schedule = iter([t(0, 1, 0, 0, 1, 1), t(0, 0, 1, 1, 0, 0)])
+    real_rollout = egpo.rollout
+    monkeypatch.setattr(egpo, "rollout", lambda *args, **kwargs: {**real_rollout(*args, **kwargs),
+                                                                  "rewards": next(schedule)})
+    monkeypatch.setattr(egpo, "rank_and_world_size", lambda: (0, 2))
+    monkeypatch.setattr(egpo, "all_reduce", lambda x, device, op="sum": torch.as_tensor(x, dtype=torch.float64))
+    cfg = egpo.resolve(egpo.Config(algo="dapo", prompts_per_step=6, group_size=2, max_new_tokens=6,
+                                   max_resample=2))
+    model, tok = egpo.load_policy(cfg, torch.device("cpu"))
+    questions = iter([["1+2=", "3+4=", "5+6="], ["10+20=", "30+40=", "7+8="]])
+
+    def draw():
+        return [tok(q)["input_ids"] for q in next(questions)], ["0"] * 3, torch.rand(6, cfg.max_new_tokens)
+
+    batch = egpo.sample_batch(model, tok, draw, cfg)
+    assert batch["groups_sampled"] == 6 and batch["rewards"].tolist() == [0, 1, 0, 0, 1, 1]
+    assert batch["prompts"] == ["1+2=", "1+2=", "10+20=", "10+20=", "30+40=", "30+40="]
 
 
 def test_end_of_turn_is_a_stop_token_and_thinking_follows_the_flag(tmp_path):
