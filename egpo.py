@@ -606,8 +606,8 @@ def extract_answer(text: str) -> str | None:
 
 def verify(completion: str, gold: str) -> float:
     """1.0 iff the completion's final answer equals `gold` mathematically: numbers and expressions
-    exactly (x+6 = 6+x, √8 = 2√2), a decimal to a 1e-6 relative tolerance, tuples, intervals and
-    matrices part by part, else as normalised strings (words whatever their case). A gold of one
+    exactly (x+6 = 6+x, √8 = 2√2; a decimal for 1/3 to a 1e-6 relative tolerance), tuples,
+    intervals and matrices part by part, else as normalised strings (words whatever their case). A gold of one
     capital letter A-J is a multiple-choice option, which the answer must name alone. Never raises."""
     answer, gold = extract_answer(completion), gold if isinstance(gold, str) else str(gold)
     if re.fullmatch(r"[A-J]", gold.strip()):  # multiple choice: B, (B), B) 42, ANSWER: B
@@ -1746,7 +1746,7 @@ def check_run_folder(cfg: Config):
         name = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.algo}-" + os.path.basename(
             cfg.model.rstrip("/")))
         cfg.out = next(out for i in range(1, 10 ** 6) if not os.path.exists(out := name + f"-{i}" * (i > 1)))
-    held = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out, name))]
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
     if held and not cfg.overwrite:
         raise UserError(f"--out {cfg.out} holds a run already ({', '.join(held)}): continue it with --resume "
                         f"{cfg.out}, choose another --out, or replace it with --overwrite")
