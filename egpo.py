@@ -607,8 +607,9 @@ def extract_answer(text: str) -> str | None:
 def verify(completion: str, gold: str) -> float:
     """1.0 iff the completion's final answer equals `gold` mathematically: numbers and expressions
     exactly (x+6 = 6+x, √8 = 2√2; a decimal for 1/3 to a 1e-6 relative tolerance), tuples,
-    intervals and matrices part by part, else as normalised strings (words whatever their case). A gold of one
-    capital letter A-J is a multiple-choice option, which the answer must name alone. Never raises."""
+    intervals and matrices part by part, else as normalised strings (words whatever their case). A
+    gold of one capital letter A-J is a multiple-choice option, which the answer must name alone.
+    Never raises."""
     answer, gold = extract_answer(completion), gold if isinstance(gold, str) else str(gold)
     if re.fullmatch(r"[A-J]", gold.strip()):  # multiple choice: B, (B), B) 42, ANSWER: B
         if answer is None and isinstance(completion, str):
